@@ -1,0 +1,113 @@
+"""Fit one model on a training split with early stopping on a grouped validation split."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from training.model import ModelSpec, build_classifier
+from app.preprocessing import InputSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    epochs: int = 40
+    batch_size: int = 32
+    learning_rate: float = 1e-3
+    patience: int = 8
+    label_smoothing: float = 0.05
+    seed: int = 42
+    augment: bool = True
+    verbose: int = 1  # 1 = Keras progress bar
+
+
+def set_seed(seed: int) -> None:
+    """Same seed, same data order and initial weights (bit-exactness is not promised on CPU)."""
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+    keras.utils.set_random_seed(seed)
+
+
+def augmentation(seed: int) -> keras.Sequential:
+    """Photometric and geometric jitter applied in the input pipeline, never in the exported graph."""
+    return keras.Sequential(
+        [
+            keras.layers.RandomFlip("horizontal_and_vertical", seed=seed),
+            keras.layers.RandomTranslation(0.05, 0.03, fill_mode="reflect", seed=seed + 1),
+            keras.layers.RandomBrightness(0.15, value_range=(0.0, 255.0), seed=seed + 2),
+            keras.layers.RandomContrast(0.2, value_range=(0.0, 255.0), seed=seed + 3),
+        ],
+        name="augmentation",
+    )
+
+
+def class_weights(labels: np.ndarray) -> dict[int, float]:
+    """Balanced weights: each class contributes equally to the loss whatever its count."""
+    counts = np.bincount(labels, minlength=2).astype(np.float64)
+    return {i: float(len(labels) / (2 * c)) if c else 0.0 for i, c in enumerate(counts)}
+
+
+def _dataset(
+    images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, seed: int,
+    augmenter: keras.Sequential | None,
+) -> tf.data.Dataset:
+    ds = tf.data.Dataset.from_tensor_slices((images, labels))
+    if shuffle:
+        ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
+    if augmenter is not None:
+        ds = ds.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def fit_classifier(
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    val_images: np.ndarray,
+    val_labels: np.ndarray,
+    input_spec: InputSpec,
+    model_spec: ModelSpec,
+    config: FitConfig,
+) -> tuple[keras.Model, dict[str, list[float]]]:
+    """Train from scratch; keep the weights of the epoch with the lowest validation loss."""
+    set_seed(config.seed)
+    model = build_classifier(input_spec, model_spec)
+    steps = config.epochs * int(np.ceil(len(train_labels) / config.batch_size))
+    schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=steps, alpha=0.05)
+    model.compile(
+        optimizer=keras.optimizers.Adam(schedule),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing),
+        metrics=[keras.metrics.AUC(name="auc", from_logits=False)],
+    )
+    augmenter = augmentation(config.seed) if config.augment else None
+    onehot = lambda y: keras.utils.to_categorical(y, 2)  # noqa: E731
+    train_ds = _dataset(train_images, onehot(train_labels), config.batch_size, True, config.seed, augmenter)
+    val_ds = _dataset(val_images, onehot(val_labels), config.batch_size, False, config.seed, None)
+    early = keras.callbacks.EarlyStopping(
+        monitor="val_loss", patience=config.patience, restore_best_weights=True, verbose=0
+    )
+    weights = class_weights(train_labels)
+    history = model.fit(
+        train_ds,
+        validation_data=val_ds,
+        epochs=config.epochs,
+        class_weight=weights,
+        callbacks=[early],
+        verbose=config.verbose,
+    )
+    return model, {k: [float(v) for v in vals] for k, vals in history.history.items()}
+
+
+def predict_logits(model: keras.Model, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Logits in inference mode (BN running statistics, no dropout), batched to bound memory."""
+    out = [
+        np.asarray(model(images[i : i + batch_size].astype(np.float32), training=False))
+        for i in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(out).astype(np.float64)
