@@ -195,3 +195,16 @@ def test_build_override_uses_host_network_for_every_built_service(compose: dict[
     assert built == set(override["services"])
     for svc in override["services"].values():
         assert svc["build"]["network"] == "host"
+
+
+def test_compose_passes_every_service_setting(compose: dict[str, Any]) -> None:
+    """A setting the service gains must also be settable under compose (README table too)."""
+    from app.settings import Settings
+
+    # host/port configure `defect-serve`; in the image uvicorn binds 0.0.0.0:8000 itself.
+    expected = {f"DEFECT_{name.upper()}" for name in Settings.model_fields} - {
+        "DEFECT_HOST",
+        "DEFECT_PORT",
+    }
+    for service in ("api", "api-gpu"):
+        assert set(compose["services"][service]["environment"]) == expected, service
