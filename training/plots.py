@@ -18,7 +18,7 @@ from training.metrics import reliability_curve  # noqa: E402
 def write_plots(
     labels: np.ndarray, scores: np.ndarray, threshold: float, out_dir: Path, title: str
 ) -> dict[str, str]:
-    """Write the four plots; returns ``{kind: file name}`` relative to ``out_dir``'s parent."""
+    """Write the four plots; returns ``{kind: path}`` relative to the model folder."""
     out_dir.mkdir(parents=True, exist_ok=True)
     labels = np.asarray(labels).astype(int)
     files: dict[str, str] = {}
@@ -59,7 +59,8 @@ def write_plots(
     ax.set(xlabel="predicted defect probability", ylabel="observed defect fraction",
            xlim=(0, 1), ylim=(0, 1), title=f"Reliability — {title}")
     files["reliability"] = _save(fig, out_dir / "reliability.png")
-    return {k: f"{out_dir.name}/{v}" for k, v in files.items()}
+    root = out_dir.parent.parent  # plots live in <model dir>/plots/<set>/
+    return {k: (out_dir / v).relative_to(root).as_posix() for k, v in files.items()}
 
 
 def _save(fig: Any, path: Path) -> str:
