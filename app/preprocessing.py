@@ -71,7 +71,7 @@ def decode_image(data: bytes, max_pixels: int = 40_000_000) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=sorted(SUPPORTED_FORMATS))
+            image: Image.Image = Image.open(io.BytesIO(data), formats=sorted(SUPPORTED_FORMATS))
     except UnidentifiedImageError as exc:
         raise UnsupportedImageError(
             "content is not a supported image (JPEG, PNG, BMP, TIFF, WebP, GIF)"
