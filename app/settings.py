@@ -35,7 +35,11 @@ class Settings(BaseSettings):
     """All knobs of the service. Field ``x`` is set by the environment variable ``DEFECT_X``."""
 
     model_config = SettingsConfigDict(
-        env_prefix="DEFECT_", extra="ignore", frozen=True, protected_namespaces=()
+        env_prefix="DEFECT_",
+        env_ignore_empty=True,
+        extra="ignore",
+        frozen=True,
+        protected_namespaces=(),
     )
 
     # Model and runtime
