@@ -46,8 +46,12 @@ COPY training/ training/
 RUN set -eu; \
     /opt/venv/bin/python -m pip wheel --quiet --no-deps --wheel-dir /tmp/wheels .; \
     /opt/venv/bin/python -m pip install --quiet --no-deps /tmp/wheels/*.whl; \
-    /opt/venv/bin/python -c "import fastapi, onnxruntime, uvicorn, app.main; print('onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"; \
-    /opt/venv/bin/python -m pip uninstall --quiet --yes pip setuptools wheel 2>/dev/null || true
+    /opt/venv/bin/python -m pip uninstall --quiet --yes pip setuptools wheel 2>/dev/null || true; \
+    site=$(/opt/venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])"); \
+    # Not needed to serve (about 27 MB): NumPy's test suites and onnxruntime's offline tools. \
+    find "$site/numpy" -type d -name tests -prune -exec rm -rf {} +; \
+    rm -rf "$site/onnxruntime/transformers" "$site/onnxruntime/quantization" "$site/onnxruntime/tools"; \
+    /opt/venv/bin/python -c "import fastapi, numpy, onnxruntime, uvicorn, app.main; print('onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
 
 # ---------------------------------------------------------------------------------------------
 # train-builder / train: the same venv plus the `train` extra (TensorFlow, tf2onnx, ...).
@@ -101,6 +105,7 @@ EXPOSE 8000
 # Liveness only (process up and answering); readiness is GET /ready (compose waits on that).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4).status != 200)"]
-# One worker process per container: scale with containers, not workers (the model's thread
-# pool is sized for the CPUs this container gets).
-CMD ["uvicorn", "app.main:create_app", "--factory", "--host", "0.0.0.0", "--port", "8000"]
+# `defect-serve` = uvicorn with the app factory (app.main:create_app), one worker process (scale
+# with containers, not workers: the model's thread pool is sized for this container's CPUs) and
+# no uvicorn access log (the service writes one JSON line per request itself).
+CMD ["defect-serve", "--host", "0.0.0.0", "--port", "8000"]

@@ -51,7 +51,7 @@ $(VENV)/.dev.stamp: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 # --- the two headline commands ------------------------------------------------------------------
 
 serve: $(VENV)/.serve.stamp ## serving install, then the shipped model on http://$(HOST):$(PORT)
-	$(BIN)/uvicorn app.main:create_app --factory --host $(HOST) --port $(PORT)
+	$(BIN)/defect-serve --host $(HOST) --port $(PORT)
 
 test: lint ## full install, lint (ruff, mypy, hadolint, compose), then the whole pytest suite
 	@# pytest exits 5 when it collected no test: say so loudly instead of failing the run.
