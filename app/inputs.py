@@ -25,6 +25,33 @@ from app.preprocessing import (
 
 logger = logging.getLogger("defect.inputs")
 
+_BMP_INFO_HEADER_SIZES = frozenset({12, 40, 52, 56, 64, 108, 124})
+
+
+def image_signature(data: bytes) -> str | None:
+    """The format whose magic bytes start ``data``, if any.
+
+    Lets a broken file that *claims* to be an image (400 corrupt) be told apart from content
+    that is no image at all (415), even where Pillow cannot identify either.
+    """
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "GIF"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "TIFF"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    if (
+        data[:2] == b"BM"
+        and len(data) >= 18
+        and int.from_bytes(data[14:18], "little") in _BMP_INFO_HEADER_SIZES
+    ):
+        return "BMP"
+    return None
+
 
 @dataclass(frozen=True, slots=True)
 class PreparedImage:
@@ -45,6 +72,13 @@ def prepare_image(
     started = time.perf_counter()
     try:
         image = decode_image(data, max_pixels=max_pixels)
+    except UnsupportedImageError as exc:
+        signature = image_signature(data)
+        if signature is None:
+            raise
+        raise CorruptImageError(
+            f"content has a {signature} signature but its header cannot be parsed"
+        ) from exc
     except ImageError:
         raise
     except MemoryError as exc:
