@@ -26,7 +26,8 @@ BASE_IMAGE ?= python:3.11-slim
 # Folders mypy checks: those that exist and hold Python files (mypy fails on an empty one).
 MYPY_PATHS = $(foreach d,app training tests bench,$(if $(wildcard $(d)/*.py),$(d)))
 
-.PHONY: help serve test lint train docker-build docker-build-gpu docker-train up down logs image-size clean
+
+.PHONY: help venv serve test lint train docker-build docker-build-gpu docker-train up down logs image-size clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -48,9 +49,11 @@ $(VENV)/.dev.stamp: pyproject.toml $(CONSTRAINTS) | $(BIN)/python
 	$(PIP) install --quiet -c $(CONSTRAINTS) -e '.[train]' --group dev
 	@touch $@ $(VENV)/.serve.stamp
 
+venv: $(VENV)/.dev.stamp ## .venv with everything (serving + train extra + dev group), nothing run
+
 # --- the two headline commands ------------------------------------------------------------------
 
-serve: $(VENV)/.serve.stamp ## serving install, then the shipped model on http://$(HOST):$(PORT)
+serve: $(VENV)/.serve.stamp ## serving install, then the shipped model on http://127.0.0.1:8000 (HOST=, PORT=)
 	$(BIN)/defect-serve --host $(HOST) --port $(PORT)
 
 test: lint ## full install, lint (ruff, mypy, hadolint, compose), then the whole pytest suite
@@ -71,12 +74,12 @@ lint: $(VENV)/.dev.stamp ## ruff check + format check, mypy (strict), hadolint, 
 
 # --- training -----------------------------------------------------------------------------------
 
-train: $(VENV)/.dev.stamp ## reproduce the shipped model (python -m training $$TRAIN_ARGS)
+train: $(VENV)/.dev.stamp ## reproduce the shipped model (python -m training TRAIN_ARGS)
 	$(BIN)/python -m training $(TRAIN_ARGS)
 
 # --- containers ---------------------------------------------------------------------------------
 
-docker-build: ## build the serving image ($(IMAGE))
+docker-build: ## build the serving image (defect-inspection:latest)
 	$(COMPOSE) build api
 
 docker-build-gpu: ## build the CUDA serving image (onnxruntime-gpu)
@@ -85,7 +88,7 @@ docker-build-gpu: ## build the CUDA serving image (onnxruntime-gpu)
 docker-train: ## train in the container: DATA_DIR=... [TRAIN_COMMAND="train ..."]
 	TRAIN_USER="$$(id -u):$$(id -g)" $(COMPOSE) --profile train run --rm --build train
 
-up: ## docker compose up (build, start, wait until ready) on http://127.0.0.1:$${HOST_PORT:-8000}
+up: ## docker compose up: build, start, wait until ready (http://127.0.0.1:8000)
 	$(COMPOSE) up --build --detach --wait
 	@echo "serving on http://127.0.0.1:$${HOST_PORT:-8000} (make logs, make down)"
 

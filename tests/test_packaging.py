@@ -208,3 +208,19 @@ def test_compose_passes_every_service_setting(compose: dict[str, Any]) -> None:
     }
     for service in ("api", "api-gpu"):
         assert set(compose["services"][service]["environment"]) == expected, service
+
+
+def test_readme_documents_every_setting_and_the_two_commands() -> None:
+    from app.settings import Settings
+
+    readme = (REPO / "README.md").read_text()
+    missing = [
+        f"DEFECT_{name.upper()}"
+        for name in Settings.model_fields
+        if f"`DEFECT_{name.upper()}`" not in readme
+    ]
+    assert not missing, f"README configuration table lacks {missing}"
+    assert "make serve" in readme
+    assert "make test" in readme
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "\nmake test || rc=$?\n" in ci, ".ci/run must run exactly the README's test command"
