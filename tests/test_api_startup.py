@@ -1,0 +1,324 @@
+"""Start-up: every check that decides readiness, the thread budget, and the settings.
+
+Broken models are made from a private copy of the shipped one, so each test fails exactly one
+check. A service with a broken model must stay alive (health 200) and say why it is not ready.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from app.cpu_budget import available_cpus, cgroup_cpu_limit
+from app.model_loader import load_model
+from app.settings import Settings
+from conftest import AppClientFactory, edit_card
+
+pytestmark = pytest.mark.anyio
+
+
+def loaded(model_dir: Path, **overrides: Any) -> Any:
+    return load_model(Settings(model_dir=model_dir, warmup_runs=1, **overrides))
+
+
+def test_the_shipped_model_passes_every_check(shipped_model_dir: Path) -> None:
+    outcome = loaded(shipped_model_dir)
+    assert outcome.failure is None, outcome.failure
+    assert set(outcome.checks) == {
+        "sha256",
+        "providers",
+        "graph_io",
+        "embedded_card",
+        "warmup",
+        "golden_samples",
+    }
+    assert outcome.checks["golden_samples"]["count"] >= 1
+    assert all(sample["ok"] for sample in outcome.checks["golden_samples"]["samples"])
+    assert all(s["input_sha256_match"] for s in outcome.checks["golden_samples"]["samples"])
+    assert outcome.checks["providers"]["active"][0] == "CPUExecutionProvider"
+
+
+def test_missing_model_dir_names_the_setting(tmp_path: Path) -> None:
+    outcome = loaded(tmp_path / "nowhere")
+    assert outcome.failure is not None
+    assert "DEFECT_MODEL_DIR" in outcome.failure
+
+
+def test_unreadable_card(model_copy: Path) -> None:
+    (model_copy / "model_card.json").write_text("{not json")
+    outcome = loaded(model_copy)
+    assert outcome.failure is not None
+    assert "cannot read" in outcome.failure
+
+
+def test_unknown_schema_version(model_copy: Path) -> None:
+    edit_card(model_copy, lambda card: card.update(schema_version=99))
+    assert "schema_version 99 is not supported" in (loaded(model_copy).failure or "")
+
+
+def test_card_missing_required_fields(model_copy: Path) -> None:
+    edit_card(model_copy, lambda card: card.pop("operating_points"))
+    assert "operating_points" in (loaded(model_copy).failure or "")
+
+
+def test_sha256_mismatch(model_copy: Path) -> None:
+    edit_card(model_copy, lambda card: card["onnx"].update(sha256="0" * 64))
+    outcome = loaded(model_copy)
+    assert "sha256 mismatch" in (outcome.failure or "")
+    assert outcome.raw_card is not None  # /model can still show the card
+
+
+def test_damaged_onnx_file_with_a_matching_hash(model_copy: Path) -> None:
+    garbage = b"this is not an onnx graph"
+    (model_copy / "model.onnx").write_bytes(garbage)
+    edit_card(
+        model_copy, lambda card: card["onnx"].update(sha256=hashlib.sha256(garbage).hexdigest())
+    )
+    assert "onnxruntime cannot load" in (loaded(model_copy).failure or "")
+
+
+def test_input_name_mismatch(model_copy: Path) -> None:
+    edit_card(model_copy, lambda card: card["input"].update(name="pixels"))
+    assert "graph I/O mismatch" in (loaded(model_copy).failure or "")
+
+
+def test_input_size_mismatch(model_copy: Path) -> None:
+    edit_card(model_copy, lambda card: card["input"].update(height=card["input"]["height"] * 2))
+    failure = loaded(model_copy).failure or ""
+    assert "graph I/O mismatch" in failure
+    assert "input shape" in failure
+
+
+def test_output_name_mismatch(model_copy: Path) -> None:
+    edit_card(model_copy, lambda card: card["outputs"]["heatmap"].update(name="cam"))
+    assert "heatmap output 'cam'" in (loaded(model_copy).failure or "")
+
+
+def test_card_from_another_export(model_copy: Path) -> None:
+    edit_card(model_copy, lambda card: card.update(version="some-other-export"))
+    assert "different exports" in (loaded(model_copy).failure or "")
+
+
+def _shift_first_golden(card: dict[str, Any], by: float) -> None:
+    probabilities = card["golden_samples"][0]["probabilities"]
+    probabilities[0] -= by
+    probabilities[1] += by
+
+
+def test_golden_output_mismatch_blames_the_model_when_inputs_agree(model_copy: Path) -> None:
+    edit_card(model_copy, lambda card: _shift_first_golden(card, 1e-3))
+    failure = loaded(model_copy).failure or ""
+    assert "golden sample" in failure
+    assert "preprocessed input is identical" in failure
+
+
+def test_golden_mismatch_blames_preprocessing_when_the_input_hash_differs(
+    model_copy: Path,
+) -> None:
+    def tamper(card: dict[str, Any]) -> None:
+        _shift_first_golden(card, 1e-3)
+        card["golden_samples"][0]["input_sha256"] = "f" * 64
+
+    edit_card(model_copy, tamper)
+    assert "preprocessing mismatch" in (loaded(model_copy).failure or "")
+
+
+def test_golden_file_changed_on_disk(model_copy: Path) -> None:
+    card = json.loads((model_copy / "model_card.json").read_text())
+    golden = model_copy / card["golden_samples"][0]["file"]
+    golden.write_bytes(golden.read_bytes() + b"\0")
+    assert "does not match its sha256" in (loaded(model_copy).failure or "")
+
+
+def test_golden_tolerance_can_be_widened(model_copy: Path) -> None:
+    edit_card(model_copy, lambda card: _shift_first_golden(card, 1e-3))
+    assert loaded(model_copy, golden_tolerance=1e-2).failure is None
+
+
+def test_required_cuda_that_is_not_active_is_not_ready(shipped_model_dir: Path) -> None:
+    with pytest.warns(UserWarning, match="CUDAExecutionProvider"):
+        outcome = loaded(shipped_model_dir, provider="cuda")
+    if "CUDAExecutionProvider" in outcome.checks.get("providers", {}).get("active", []):
+        pytest.skip("this machine really has CUDA")
+    assert outcome.failure is not None
+    assert "provider 'cuda' is required" in outcome.failure
+    assert "CPUExecutionProvider" in outcome.failure
+
+
+def test_cpu_provider_is_honoured(shipped_model_dir: Path) -> None:
+    outcome = loaded(shipped_model_dir, provider="cpu")
+    assert outcome.failure is None
+    assert outcome.model is not None
+    assert outcome.model.providers == ["CPUExecutionProvider"]
+
+
+async def test_a_broken_model_leaves_a_live_service_that_says_why(
+    app_client: AppClientFactory, model_copy: Path
+) -> None:
+    edit_card(model_copy, lambda card: card["onnx"].update(sha256="0" * 64))
+    async with app_client(model_dir=model_copy) as client:
+        health = await client.get("/health")
+        assert health.status_code == 200
+        ready = await client.get("/ready")
+        assert ready.status_code == 503
+        error = ready.json()["error"]
+        assert error["code"] == "not_ready"
+        assert "sha256 mismatch" in error["message"]
+        assert error["details"] == {"status": "failed"}
+        assert "Retry-After" not in ready.headers  # waiting will not fix it
+        model = await client.get("/model")
+        assert model.status_code == 200
+        assert model.json()["status"] == "failed"
+        assert model.json()["card"]["onnx"]["sha256"] == "0" * 64
+        predict = await client.post("/predict", files={"file": ("a.png", b"x", "image/png")})
+        assert predict.status_code == 503
+        assert predict.json()["error"]["code"] == "not_ready"
+        metrics = (await client.get("/metrics")).text
+        assert "defect_model_ready 0.0" in metrics
+
+
+async def test_missing_model_gives_503_on_model_endpoint(
+    app_client: AppClientFactory, tmp_path: Path
+) -> None:
+    async with app_client(model_dir=tmp_path / "absent") as client:
+        assert (await client.get("/health")).status_code == 200
+        response = await client.get("/model")
+        assert response.status_code == 503
+        assert "does not exist" in response.json()["error"]["message"]
+
+
+async def test_required_cuda_service_reports_why_and_the_real_provider(
+    app_client: AppClientFactory,
+) -> None:
+    with pytest.warns(UserWarning, match="CUDAExecutionProvider"):
+        async with app_client(provider="cuda") as client:
+            model = (await client.get("/model")).json()
+            if "CUDAExecutionProvider" in model["providers"]:
+                pytest.skip("this machine really has CUDA")
+            ready = await client.get("/ready")
+            assert ready.status_code == 503
+            assert "provider 'cuda' is required" in ready.json()["error"]["message"]
+            assert model["provider_setting"] == "cuda"
+            assert model["providers"] == ["CPUExecutionProvider"]
+
+
+async def test_default_thread_budget_follows_available_cpus(app_client: AppClientFactory) -> None:
+    async with app_client() as client:
+        model = (await client.get("/model")).json()
+    assert model["intra_op_threads"] == available_cpus()
+    assert model["decode_threads"] == available_cpus()
+
+
+async def test_explicit_thread_budget(app_client: AppClientFactory) -> None:
+    async with app_client(intra_op_threads=1, decode_threads=3) as client:
+        model = (await client.get("/model")).json()
+    assert model["intra_op_threads"] == 1
+    assert model["decode_threads"] == 3
+
+
+# --- CPU budget -------------------------------------------------------------------------------
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_cgroup_v2_quota(tmp_path: Path) -> None:
+    write(tmp_path / "proc", "0::/kubepods/pod1/ctr\n")
+    write(tmp_path / "cg" / "kubepods" / "pod1" / "ctr" / "cpu.max", "150000 100000\n")
+    assert cgroup_cpu_limit(tmp_path / "cg", tmp_path / "proc") == pytest.approx(1.5)
+    assert available_cpus(tmp_path / "cg", tmp_path / "proc") == min(
+        2, len(os.sched_getaffinity(0))
+    )
+
+
+def test_cgroup_v2_tightest_ancestor_wins(tmp_path: Path) -> None:
+    write(tmp_path / "proc", "0::/a/b\n")
+    write(tmp_path / "cg" / "a" / "b" / "cpu.max", "max 100000\n")
+    write(tmp_path / "cg" / "a" / "cpu.max", "50000 100000\n")
+    assert cgroup_cpu_limit(tmp_path / "cg", tmp_path / "proc") == pytest.approx(0.5)
+    assert available_cpus(tmp_path / "cg", tmp_path / "proc") == 1
+
+
+def test_cgroup_v2_inside_a_container_namespace(tmp_path: Path) -> None:
+    write(tmp_path / "proc", "0::/\n")
+    write(tmp_path / "cg" / "cpu.max", "100000 100000\n")
+    assert available_cpus(tmp_path / "cg", tmp_path / "proc") == 1
+
+
+def test_cgroup_v1_quota(tmp_path: Path) -> None:
+    write(tmp_path / "proc", "4:memory:/x\n3:cpu,cpuacct:/docker/abc\n")
+    base = tmp_path / "cg" / "cpu,cpuacct" / "docker" / "abc"
+    write(base / "cpu.cfs_quota_us", "100000\n")
+    write(base / "cpu.cfs_period_us", "100000\n")
+    assert cgroup_cpu_limit(tmp_path / "cg", tmp_path / "proc") == pytest.approx(1.0)
+
+
+def test_cgroup_v1_unlimited(tmp_path: Path) -> None:
+    write(tmp_path / "proc", "3:cpu:/\n")
+    write(tmp_path / "cg" / "cpu" / "cpu.cfs_quota_us", "-1\n")
+    write(tmp_path / "cg" / "cpu" / "cpu.cfs_period_us", "100000\n")
+    assert cgroup_cpu_limit(tmp_path / "cg", tmp_path / "proc") is None
+    assert available_cpus(tmp_path / "cg", tmp_path / "proc") == len(os.sched_getaffinity(0))
+
+
+def test_no_cgroup_information_means_affinity(tmp_path: Path) -> None:
+    assert cgroup_cpu_limit(tmp_path / "none", tmp_path / "none-proc") is None
+    assert available_cpus(tmp_path / "none", tmp_path / "none-proc") == len(
+        os.sched_getaffinity(0)
+    )
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+
+def test_settings_come_from_defect_environment_variables(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("DEFECT_MODEL_DIR", str(tmp_path))
+    monkeypatch.setenv("DEFECT_MAX_BATCH_SIZE", "4")
+    monkeypatch.setenv("DEFECT_BATCHING", "false")
+    monkeypatch.setenv("DEFECT_LOG_LEVEL", "debug")
+    monkeypatch.setenv("DEFECT_INTRA_OP_THREADS", "")  # empty = unset (compose passes these)
+    settings = Settings()
+    assert settings.model_dir == tmp_path
+    assert settings.max_batch_size == 4
+    assert settings.batching is False
+    assert settings.log_level == "DEBUG"
+    assert settings.intra_op_threads == 0
+
+
+def test_default_model_dir_is_the_shipped_model(
+    monkeypatch: pytest.MonkeyPatch, shipped_model_dir: Path
+) -> None:
+    monkeypatch.delenv("DEFECT_MODEL_DIR", raising=False)
+    assert Settings().model_dir.resolve() == shipped_model_dir.resolve()
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("DEFECT_PROVIDER", "tpu"),
+        ("DEFECT_MAX_BATCH_SIZE", "0"),
+        ("DEFECT_MAX_BODY_BYTES", "10"),
+        ("DEFECT_MAX_BATCH_WAIT_MS", "-1"),
+    ],
+)
+def test_invalid_settings_are_refused(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_batch_file_limit_must_fit_the_queue() -> None:
+    with pytest.raises(ValidationError, match="max_batch_files"):
+        Settings(max_batch_files=10, max_queue=5)
