@@ -25,7 +25,9 @@ def test_temperature_recovers_overconfidence() -> None:
     assert temperature == pytest.approx(3.0, rel=0.1)
     before = expected_calibration_error(labels, calibrated_probabilities(logits, 1.0)[:, 1])
     after = expected_calibration_error(labels, calibrated_probabilities(logits, temperature)[:, 1])
-    assert after is not None and before is not None and after < before / 2
+    assert after is not None
+    assert before is not None
+    assert after < before / 2
 
 
 def test_operating_points_meet_their_definitions() -> None:

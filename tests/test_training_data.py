@@ -27,9 +27,18 @@ def _image(mode: str, size: tuple[int, int] = (90, 40)) -> Image.Image:
 
 # (mode, file suffix) pairs covering grayscale, colour, alpha, palette, CMYK and 16-bit inputs.
 CASES = [
-    ("L", ".png"), ("LA", ".png"), ("P", ".png"), ("RGB", ".jpg"), ("RGBA", ".png"),
-    ("CMYK", ".jpg"), ("I;16", ".png"), ("RGB", ".bmp"), ("RGB", ".tiff"), ("L", ".tif"),
-    ("CMYK", ".tiff"), ("1", ".png"),
+    ("L", ".png"),
+    ("LA", ".png"),
+    ("P", ".png"),
+    ("RGB", ".jpg"),
+    ("RGBA", ".png"),
+    ("CMYK", ".jpg"),
+    ("I;16", ".png"),
+    ("RGB", ".bmp"),
+    ("RGB", ".tiff"),
+    ("L", ".tif"),
+    ("CMYK", ".tiff"),
+    ("1", ".png"),
 ]
 
 
@@ -48,7 +57,9 @@ def _make(root: Path, n: int = 3) -> None:
 
 @pytest.mark.parametrize(("mode", "suffix"), CASES)
 @pytest.mark.parametrize("color_mode", ["rgb", "grayscale"])
-def test_every_mode_and_format_loads(tmp_path: Path, mode: str, suffix: str, color_mode: str) -> None:
+def test_every_mode_and_format_loads(
+    tmp_path: Path, mode: str, suffix: str, color_mode: str
+) -> None:
     _make(tmp_path)
     _write(tmp_path / "defect", f"odd_{mode.replace(';', '')}", mode, suffix)
     spec = InputSpec(64, 32, color_mode)  # type: ignore[arg-type]
@@ -120,7 +131,8 @@ def test_manifest_groups_and_columns(tmp_path: Path) -> None:
     _make(tmp_path, n=2)
     rows = [
         {"file": f"{label}/{label}_{i}.png", "part": f"p{i}", "camera": "A" if i else "B"}
-        for label in ("normal", "defect") for i in range(2)
+        for label in ("normal", "defect")
+        for i in range(2)
     ]
     with (tmp_path / "manifest.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["file", "part", "camera"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -26,8 +27,8 @@ DATA = REPO.parent / "shared" / "data" / "ballscrew-pitting"
 pytestmark = pytest.mark.slow
 
 
-def _check_model_dir(out: Path, spec: InputSpec) -> dict:
-    card = json.loads((out / "model_card.json").read_text())
+def _check_model_dir(out: Path, spec: InputSpec) -> dict[str, Any]:
+    card: dict[str, Any] = json.loads((out / "model_card.json").read_text())
     model_path = out / card["onnx"]["file"]
     assert card["onnx"]["sha256"] == hashlib.sha256(model_path.read_bytes()).hexdigest()
     assert card["onnx"]["opset"] == 17
@@ -52,13 +53,17 @@ def _check_model_dir(out: Path, spec: InputSpec) -> dict:
         assert hashlib.sha256(raw).hexdigest() == sample["sha256"]
         batch = preprocess_bytes(raw, spec)[np.newaxis]
         probabilities, heatmap = session.run(["probabilities", "heatmap"], {"image": batch})
-        np.testing.assert_allclose(probabilities[0], sample["probabilities"], atol=sample["tolerance"])
+        np.testing.assert_allclose(
+            probabilities[0], sample["probabilities"], atol=sample["tolerance"]
+        )
         assert probabilities[0].sum() == pytest.approx(1.0, abs=1e-5)
         h, w = card["outputs"]["heatmap"]["shape"][1:]
         assert heatmap.shape == (1, h, w)
         assert 0.0 <= heatmap.min() <= heatmap.max() <= 1.0
     # Dynamic batch axis: a batch of 3 works and equals three single runs.
-    batch = np.stack([preprocess_bytes((out / s["file"]).read_bytes(), spec) for s in card["golden_samples"][:3]])
+    batch = np.stack(
+        [preprocess_bytes((out / s["file"]).read_bytes(), spec) for s in card["golden_samples"][:3]]
+    )
     together = session.run(["probabilities"], {"image": batch})[0]
     for i in range(len(batch)):
         alone = session.run(["probabilities"], {"image": batch[i : i + 1]})[0][0]
@@ -70,12 +75,32 @@ def _check_model_dir(out: Path, spec: InputSpec) -> dict:
 def test_train_export_on_real_subset(tmp_path: Path) -> None:
     out = tmp_path / "model"
     spec = InputSpec(192, 80, "rgb")
-    code = main([
-        "train", "--data", str(DATA), "--out", str(out), "--group-column", "location",
-        "--breakdown", "capture", "--cv-folds", "2", "--epochs", "1", "--limit-per-class", "30",
-        "--width", str(spec.width), "--height", str(spec.height), "--quiet",
-        "--licence", "CC BY-SA 4.0",
-    ])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(DATA),
+            "--out",
+            str(out),
+            "--group-column",
+            "location",
+            "--breakdown",
+            "capture",
+            "--cv-folds",
+            "2",
+            "--epochs",
+            "1",
+            "--limit-per-class",
+            "30",
+            "--width",
+            str(spec.width),
+            "--height",
+            str(spec.height),
+            "--quiet",
+            "--licence",
+            "CC BY-SA 4.0",
+        ]
+    )
     assert code == 0
     card = _check_model_dir(out, spec)
     assert card["training_data"]["grouped_by"] == "manifest column 'location'"
@@ -115,11 +140,32 @@ def test_other_dataset_grayscale_without_manifest(tmp_path: Path) -> None:
     _synthetic_grayscale_product(data)
     out = tmp_path / "bracket-model"
     spec = InputSpec(64, 64, "grayscale")
-    code = main([
-        "train", "--data", str(data), "--out", str(out), "--normal-dir", "good", "--defect-dir", "bad",
-        "--group-regex", r"^(part\d+)_", "--color-mode", "grayscale", "--width", "64", "--height", "64",
-        "--epochs", "1", "--val-fraction", "0.34", "--quiet",
-    ])
+    code = main(
+        [
+            "train",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--normal-dir",
+            "good",
+            "--defect-dir",
+            "bad",
+            "--group-regex",
+            r"^(part\d+)_",
+            "--color-mode",
+            "grayscale",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--epochs",
+            "1",
+            "--val-fraction",
+            "0.34",
+            "--quiet",
+        ]
+    )
     assert code == 0
     card = _check_model_dir(out, spec)
     assert card["class_names"] == ["good", "bad"]

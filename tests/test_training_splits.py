@@ -14,7 +14,9 @@ def _synthetic(seed: int, n_groups: int = 15, per_group: int = 30) -> tuple[np.n
     rng = np.random.default_rng(seed)
     groups = np.repeat([f"g{i}" for i in range(n_groups)], per_group)
     # Defects appear late in each group's time series, like the wear data.
-    labels = np.concatenate([(np.arange(per_group) > rng.integers(5, per_group)).astype(int) for _ in range(n_groups)])
+    labels = np.concatenate(
+        [(np.arange(per_group) > rng.integers(5, per_group)).astype(int) for _ in range(n_groups)]
+    )
     return labels, groups
 
 

@@ -49,7 +49,9 @@ class OperatingPoint:
         }
 
 
-def _rates(scores: np.ndarray, positive: np.ndarray, threshold: float) -> tuple[float, float, float]:
+def _rates(
+    scores: np.ndarray, positive: np.ndarray, threshold: float
+) -> tuple[float, float, float]:
     predicted = scores >= threshold
     tp = float(np.sum(predicted & positive))
     fp = float(np.sum(predicted & ~positive))

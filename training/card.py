@@ -18,7 +18,16 @@ GOLDEN_TOLERANCE = 1e-4
 
 
 def package_versions() -> dict[str, str]:
-    names = ["tensorflow-cpu", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "pillow", "numpy"]
+    names = [
+        "tensorflow-cpu",
+        "tensorflow",
+        "keras",
+        "tf2onnx",
+        "onnx",
+        "onnxruntime",
+        "pillow",
+        "numpy",
+    ]
     versions: dict[str, str] = {}
     for name in names:
         try:

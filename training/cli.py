@@ -1,6 +1,6 @@
 """Command line: ``python -m training train|evaluate|export`` (console script ``defect-train``).
 
-Kept import-light: TensorFlow is only imported once a command actually runs, so ``--help`` is instant.
+Kept import-light: TensorFlow is imported only once a command runs, so ``--help`` is instant.
 """
 
 from __future__ import annotations
@@ -39,53 +39,108 @@ examples:
 def _add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", type=Path, required=True, help="folder with one sub-folder per class")
-    g.add_argument("--normal-dir", default="normal", help="sub-folder of good parts (default: normal)")
-    g.add_argument("--defect-dir", default="defect", help="sub-folder of defective parts (default: defect)")
-    g.add_argument("--manifest", type=Path, help="CSV with a 'file' column (default: DATA/manifest.csv if present)")
-    g.add_argument("--group-column", help="manifest column naming the group of each image (e.g. location)")
+    g.add_argument(
+        "--normal-dir", default="normal", help="sub-folder of good parts (default: normal)"
+    )
+    g.add_argument(
+        "--defect-dir", default="defect", help="sub-folder of defective parts (default: defect)"
+    )
+    g.add_argument(
+        "--manifest",
+        type=Path,
+        help="CSV with a 'file' column (default: DATA/manifest.csv if present)",
+    )
+    g.add_argument(
+        "--group-column", help="manifest column naming the group of each image (e.g. location)"
+    )
     g.add_argument("--group-regex", help="regex over file names whose first group is the group id")
-    g.add_argument("--breakdown", nargs="*", default=[], metavar="COLUMN",
-                   help="manifest columns to report metrics for separately (e.g. capture)")
-    g.add_argument("--max-bad-fraction", type=float, default=0.05,
-                   help="fail if more than this fraction of files is unreadable (default: 0.05)")
-    g.add_argument("--limit-per-class", type=int, default=0,
-                   help="use only the first N images of each class (smoke tests)")
+    g.add_argument(
+        "--breakdown",
+        nargs="*",
+        default=[],
+        metavar="COLUMN",
+        help="manifest columns to report metrics for separately (e.g. capture)",
+    )
+    g.add_argument(
+        "--max-bad-fraction",
+        type=float,
+        default=0.05,
+        help="fail if more than this fraction of files is unreadable (default: 0.05)",
+    )
+    g.add_argument(
+        "--limit-per-class",
+        type=int,
+        default=0,
+        help="use only the first N images of each class (smoke tests)",
+    )
     m = p.add_argument_group("model input")
-    m.add_argument("--width", type=int, default=384, help="input width in pixels, multiple of 16 (default: 384)")
-    m.add_argument("--height", type=int, default=160, help="input height in pixels, multiple of 16 (default: 160)")
+    m.add_argument(
+        "--width",
+        type=int,
+        default=384,
+        help="input width in pixels, multiple of 16 (default: 384)",
+    )
+    m.add_argument(
+        "--height",
+        type=int,
+        default=160,
+        help="input height in pixels, multiple of 16 (default: 160)",
+    )
     m.add_argument("--color-mode", choices=["rgb", "grayscale"], default="rgb")
     t = p.add_argument_group("training")
-    t.add_argument("--epochs", type=int, default=40, help="maximum epochs (early stopping on validation loss)")
+    t.add_argument(
+        "--epochs", type=int, default=40, help="maximum epochs (early stopping on validation loss)"
+    )
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--learning-rate", type=float, default=1e-3)
     t.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs")
     t.add_argument("--filters", default="8,16,32,64,96", help="filters of the 5 conv blocks")
-    t.add_argument("--no-augment", action="store_true", help="disable flips/shifts/brightness/contrast")
-    t.add_argument("--val-fraction", type=float, default=0.2, help="share of groups held out for validation")
-    t.add_argument("--min-recall", type=float, default=0.99, help="recall of the 'high_recall' operating point")
+    t.add_argument(
+        "--no-augment", action="store_true", help="disable flips/shifts/brightness/contrast"
+    )
+    t.add_argument(
+        "--val-fraction", type=float, default=0.2, help="share of groups held out for validation"
+    )
+    t.add_argument(
+        "--min-recall", type=float, default=0.99, help="recall of the 'high_recall' operating point"
+    )
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.add_argument("--threads", type=int, default=0, help="TensorFlow threads (default: all available)")
+    t.add_argument(
+        "--threads", type=int, default=0, help="TensorFlow threads (default: all available)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m training", description=DESCRIPTION, epilog=EXAMPLES,
+        prog="python -m training",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    train = sub.add_parser("train", help="fit, calibrate and export a model",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train = sub.add_parser(
+        "train",
+        help="fit, calibrate and export a model",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     _add_data_args(train)
     train.add_argument("--out", type=Path, required=True, help="output folder, e.g. models/NAME")
     train.add_argument("--name", help="model name (default: the output folder's name)")
-    train.add_argument("--cv-folds", type=int, default=0, help="also run grouped k-fold CV first (0 = skip)")
+    train.add_argument(
+        "--cv-folds", type=int, default=0, help="also run grouped k-fold CV first (0 = skip)"
+    )
     train.add_argument("--source", default="", help="where the data comes from (for the card)")
     train.add_argument("--licence", default="", help="licence of the training data (for the card)")
-    evaluate = sub.add_parser("evaluate", help="grouped k-fold cross-validation report only",
-                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="grouped k-fold cross-validation report only",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     _add_data_args(evaluate)
-    evaluate.add_argument("--out", type=Path, required=True, help="folder for report.json and plots")
+    evaluate.add_argument(
+        "--out", type=Path, required=True, help="folder for report.json and plots"
+    )
     evaluate.add_argument("--cv-folds", type=int, default=5)
     export = sub.add_parser("export", help="re-export ONNX + card from a 'train' output folder")
     export.add_argument("--model-dir", type=Path, required=True, help="a folder written by 'train'")
@@ -93,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _configure(args: argparse.Namespace) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if getattr(args, "threads", 0):
         import tensorflow as tf
@@ -105,14 +162,16 @@ def _configure(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure(args)
+    from training import commands
     from training.calibration import CalibrationError
     from training.data import DatasetError
     from training.export import ExportError
     from training.splits import SplitError
-    from training import commands
 
     handlers: dict[str, Any] = {
-        "train": commands.train, "evaluate": commands.evaluate, "export": commands.export,
+        "train": commands.train,
+        "evaluate": commands.evaluate,
+        "export": commands.export,
     }
     try:
         summary = handlers[args.command](args)

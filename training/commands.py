@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,13 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         input_spec=spec,
         model_spec=ModelSpec(filters=filters),
         fit=FitConfig(
-            epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.learning_rate,
-            patience=args.patience, seed=args.seed, augment=not args.no_augment,
-            verbose=0 if args.quiet else 1,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            patience=args.patience,
+            seed=args.seed,
+            augment=not args.no_augment,
+            verbose=0 if args.quiet else (1 if sys.stdout.isatty() else 2),
         ),
         val_fraction=args.val_fraction,
         min_recall=args.min_recall,
@@ -52,8 +57,12 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
 
 def _load(args: argparse.Namespace, config: RunConfig) -> Dataset:
     data = load_dataset(
-        args.data, config.input_spec, (args.normal_dir, args.defect_dir),
-        manifest=args.manifest, group_column=args.group_column, group_regex=args.group_regex,
+        args.data,
+        config.input_spec,
+        (args.normal_dir, args.defect_dir),
+        manifest=args.manifest,
+        group_column=args.group_column,
+        group_regex=args.group_regex,
         max_bad_fraction=args.max_bad_fraction,
     )
     if args.limit_per_class:
@@ -61,15 +70,23 @@ def _load(args: argparse.Namespace, config: RunConfig) -> Dataset:
             [np.flatnonzero(data.labels == c)[: args.limit_per_class] for c in (0, 1)]
         )
         data = data.subset(np.sort(keep))
-    log.info("dataset: %s, %d groups (%s), %d skipped",
-             data.counts(), len(np.unique(data.groups)), data.group_source, len(data.skipped))
+    log.info(
+        "dataset: %s, %d groups (%s), %d skipped",
+        data.counts(),
+        len(np.unique(data.groups)),
+        data.group_source,
+        len(data.skipped),
+    )
     return data
 
 
 def _config_dict(config: RunConfig) -> dict[str, Any]:
     return {
-        "input": asdict(config.input_spec), "model": asdict(config.model_spec), "fit": asdict(config.fit),
-        "val_fraction": config.val_fraction, "min_recall": config.min_recall,
+        "input": asdict(config.input_spec),
+        "model": asdict(config.model_spec),
+        "fit": asdict(config.fit),
+        "val_fraction": config.val_fraction,
+        "min_recall": config.min_recall,
     }
 
 
@@ -94,12 +111,18 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     data = _load(args, config)
     args.out.mkdir(parents=True, exist_ok=True)
     cv = cross_validate(data, args.cv_folds, config, args.out)
-    report = {"dataset": dataset_summary(data, str(args.data), None), "config": _config_dict(config),
-              "cross_validation": cv}
+    report = {
+        "dataset": dataset_summary(data, str(args.data), None),
+        "config": _config_dict(config),
+        "cross_validation": cv,
+    }
     (args.out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    return {"report": str(args.out / REPORT_FILE), "mean_roc_auc": cv["mean_roc_auc"],
-            "min_roc_auc": cv["min_roc_auc"],
-            "pooled_roc_auc": cv["pooled_out_of_fold"]["at_0.5"]["roc_auc"]}
+    return {
+        "report": str(args.out / REPORT_FILE),
+        "mean_roc_auc": cv["mean_roc_auc"],
+        "min_roc_auc": cv["min_roc_auc"],
+        "pooled_roc_auc": cv["pooled_out_of_fold"]["at_0.5"]["roc_auc"],
+    }
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -115,9 +138,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     golden = pick_golden(data, val)
     parity = val[:PARITY_IMAGES]
     metrics = _headline(cv, final)
-    state = {
+    state: dict[str, Any] = {
         "name": name,
-        "description": f"normal/defect classifier with defect heatmap trained on {summary['source']}",
+        "description": "normal/defect classifier with defect heatmap trained on "
+        + str(summary["source"]),
         "config": _config_dict(config),
         "class_names": data.class_names,
         "temperature": result.temperature,
@@ -131,17 +155,37 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     }
     (out / CHECKPOINT_DIR / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     card = export_model(
-        name=name, description=state["description"], classifier=result.classifier,
-        temperature=result.temperature, points=result.points, data=data, golden_index=golden,
-        parity_index=parity, config=config, metrics=metrics, training_data=summary, out_dir=out,
+        name=name,
+        description=state["description"],
+        classifier=result.classifier,
+        temperature=result.temperature,
+        points=result.points,
+        data=data,
+        golden_index=golden,
+        parity_index=parity,
+        config=config,
+        metrics=metrics,
+        training_data=summary,
+        out_dir=out,
         data_root=Path(args.data).resolve(),
     )
-    report = {"dataset": summary, "config": _config_dict(config), "cross_validation": cv,
-              "final": final, "export": {"onnx": card["onnx"],
-                                         "parity_max_abs_diff": card["metrics"]["parity_max_abs_diff"]}}
+    report = {
+        "dataset": summary,
+        "config": _config_dict(config),
+        "cross_validation": cv,
+        "final": final,
+        "export": {
+            "onnx": card["onnx"],
+            "parity_max_abs_diff": card["metrics"]["parity_max_abs_diff"],
+        },
+    }
     (out / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-    return {"model": str(out / "model.onnx"), "card": str(out / CARD_FILE), **metrics["final_validation"],
-            **({"cv": metrics["cross_validation"]} if cv else {})}
+    return {
+        "model": str(out / "model.onnx"),
+        "card": str(out / CARD_FILE),
+        **metrics["final_validation"],
+        **({"cv": metrics["cross_validation"]} if cv else {}),
+    }
 
 
 def export(args: argparse.Namespace) -> dict[str, Any]:
@@ -150,19 +194,43 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
     state = json.loads((out / CHECKPOINT_DIR / STATE_FILE).read_text())
     cfg = state["config"]
     spec = InputSpec(**cfg["input"])
-    config = RunConfig(input_spec=spec, model_spec=ModelSpec(**{**cfg["model"], "filters": tuple(cfg["model"]["filters"])}))
+    config = RunConfig(
+        input_spec=spec,
+        model_spec=ModelSpec(**{**cfg["model"], "filters": tuple(cfg["model"]["filters"])}),
+    )
     root = Path(state["data_root"])
     files = state["golden_files"] + state["parity_files"]
     labels = state["golden_labels"] + [0] * len(state["parity_files"])
-    images = np.stack([np.clip(np.rint(preprocess_bytes((root / f).read_bytes(), spec)), 0, 255).astype(np.uint8) for f in files])
-    data = Dataset(images=images, labels=np.array(labels), files=files, groups=np.array(files),
-                   class_names=state["class_names"])
+    images = np.stack(
+        [
+            np.clip(np.rint(preprocess_bytes((root / f).read_bytes(), spec)), 0, 255).astype(
+                np.uint8
+            )
+            for f in files
+        ]
+    )
+    data = Dataset(
+        images=images,
+        labels=np.array(labels),
+        files=files,
+        groups=np.array(files),
+        class_names=state["class_names"],
+    )
     classifier = keras.saving.load_model(out / CHECKPOINT_DIR / "classifier.keras")
     n_golden = len(state["golden_files"])
     card = export_model(
-        name=state["name"], description=state["description"], classifier=classifier,
-        temperature=state["temperature"], points=state["operating_points"], data=data,
-        golden_index=np.arange(n_golden), parity_index=np.arange(n_golden, len(files)), config=config,
-        metrics=state["metrics"], training_data=state["training_data"], out_dir=out, data_root=root,
+        name=state["name"],
+        description=state["description"],
+        classifier=classifier,
+        temperature=state["temperature"],
+        points=state["operating_points"],
+        data=data,
+        golden_index=np.arange(n_golden),
+        parity_index=np.arange(n_golden, len(files)),
+        config=config,
+        metrics=state["metrics"],
+        training_data=state["training_data"],
+        out_dir=out,
+        data_root=root,
     )
     return {"model": str(out / "model.onnx"), "sha256": card["onnx"]["sha256"]}

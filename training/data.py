@@ -84,7 +84,9 @@ def list_images(root: Path, class_names: Sequence[str]) -> list[tuple[str, int]]
             p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
         )
         if not files:
-            raise DatasetError(f"class folder {folder} holds no image files ({sorted(IMAGE_SUFFIXES)})")
+            raise DatasetError(
+                f"class folder {folder} holds no image files ({sorted(IMAGE_SUFFIXES)})"
+            )
         entries.extend((p.relative_to(root).as_posix(), index) for p in files)
     return entries
 
@@ -118,7 +120,8 @@ def assign_groups(
         missing = [f for f in files if f not in rows or not rows[f].get(group_column)]
         if missing:
             raise DatasetError(
-                f"{len(missing)} images have no '{group_column}' value in the manifest, e.g. {missing[:3]}"
+                f"{len(missing)} images have no '{group_column}' value in the manifest, "
+                f"e.g. {missing[:3]}"
             )
         return np.array([rows[f][group_column] for f in files]), f"manifest column '{group_column}'"
     if group_regex:
@@ -142,7 +145,8 @@ def _decode_one(path: Path, spec: InputSpec) -> np.ndarray | str:
         array = preprocess_bytes(path.read_bytes(), spec)
     except (ImageError, OSError) as exc:
         return f"{type(exc).__name__}: {exc}"
-    return np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    result: np.ndarray = np.clip(np.rint(array), 0, 255).astype(np.uint8)
+    return result
 
 
 def load_dataset(

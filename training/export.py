@@ -40,7 +40,7 @@ def convert(inference_model: keras.Model, path: Path) -> None:
     shape = (None, *inference_model.input_shape[1:])
     signature = (tf.TensorSpec(shape, tf.float32, name=INPUT_NAME),)
 
-    @tf.function(input_signature=signature)
+    @tf.function(input_signature=signature)  # type: ignore[untyped-decorator]
     def serve(image: tf.Tensor) -> dict[str, tf.Tensor]:
         outputs = inference_model(image, training=False)
         return {name: tf.identity(outputs[name], name=name) for name in OUTPUT_NAMES}
@@ -96,12 +96,16 @@ def onnx_outputs(path: Path, images: np.ndarray, batch_size: int = 32) -> dict[s
     parts: dict[str, list[np.ndarray]] = {n: [] for n in OUTPUT_NAMES}
     for i in range(0, len(images), batch_size):
         batch = images[i : i + batch_size].astype(np.float32)
-        for name, value in zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch}), strict=True):
+        for name, value in zip(
+            OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch}), strict=True
+        ):
             parts[name].append(np.asarray(value))
     return {n: np.concatenate(v) for n, v in parts.items()}
 
 
-def keras_outputs(model: keras.Model, images: np.ndarray, batch_size: int = 32) -> dict[str, np.ndarray]:
+def keras_outputs(
+    model: keras.Model, images: np.ndarray, batch_size: int = 32
+) -> dict[str, np.ndarray]:
     parts: dict[str, list[np.ndarray]] = {n: [] for n in OUTPUT_NAMES}
     for i in range(0, len(images), batch_size):
         outputs = model(images[i : i + batch_size].astype(np.float32), training=False)
@@ -111,7 +115,10 @@ def keras_outputs(model: keras.Model, images: np.ndarray, batch_size: int = 32) 
 
 
 def parity_check(
-    inference_model: keras.Model, path: Path, images: np.ndarray, tolerance: float = PARITY_TOLERANCE
+    inference_model: keras.Model,
+    path: Path,
+    images: np.ndarray,
+    tolerance: float = PARITY_TOLERANCE,
 ) -> dict[str, float]:
     """Max abs difference per output on real images; raises ``ExportError`` above tolerance."""
     expected = keras_outputs(inference_model, images)

@@ -10,8 +10,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from training.model import ModelSpec, build_classifier
 from app.preprocessing import InputSpec
+from training.model import ModelSpec, build_classifier
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,7 @@ class FitConfig:
     label_smoothing: float = 0.05
     seed: int = 42
     augment: bool = True
+    ema: bool = True
     verbose: int = 1  # 1 = Keras progress bar
 
 
@@ -35,7 +36,7 @@ def set_seed(seed: int) -> None:
 
 
 def augmentation(seed: int) -> keras.Sequential:
-    """Photometric and geometric jitter applied in the input pipeline, never in the exported graph."""
+    """Photometric and geometric jitter for the input pipeline, never in the exported graph."""
     return keras.Sequential(
         [
             keras.layers.RandomFlip("horizontal_and_vertical", seed=seed),
@@ -54,7 +55,11 @@ def class_weights(labels: np.ndarray) -> dict[int, float]:
 
 
 def _dataset(
-    images: np.ndarray, labels: np.ndarray, batch_size: int, shuffle: bool, seed: int,
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
     augmenter: keras.Sequential | None,
 ) -> tf.data.Dataset:
     ds = tf.data.Dataset.from_tensor_slices((images, labels))
@@ -62,7 +67,9 @@ def _dataset(
         ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
     ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
     if augmenter is not None:
-        ds = ds.map(lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+        ds = ds.map(
+            lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE
+        )
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -79,26 +86,44 @@ def fit_classifier(
     set_seed(config.seed)
     model = build_classifier(input_spec, model_spec)
     steps = config.epochs * int(np.ceil(len(train_labels) / config.batch_size))
-    schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=steps, alpha=0.05)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        config.learning_rate, decay_steps=steps, alpha=0.05
+    )
+    # Exponential moving average of the weights: the validation loss of a small grouped split jumps
+    # from epoch to epoch; averaging the weights smooths out that noise, and early stopping then
+    # picks a model that is good, not one that was lucky on one epoch.
+    optimizer = keras.optimizers.Adam(schedule, use_ema=config.ema, ema_momentum=0.98)
     model.compile(
-        optimizer=keras.optimizers.Adam(schedule),
-        loss=keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=config.label_smoothing),
+        optimizer=optimizer,
+        loss=keras.losses.CategoricalCrossentropy(
+            from_logits=True, label_smoothing=config.label_smoothing
+        ),
         metrics=[keras.metrics.AUC(name="auc", from_logits=False)],
     )
     augmenter = augmentation(config.seed) if config.augment else None
-    onehot = lambda y: keras.utils.to_categorical(y, 2)  # noqa: E731
-    train_ds = _dataset(train_images, onehot(train_labels), config.batch_size, True, config.seed, augmenter)
+
+    def onehot(y: np.ndarray) -> np.ndarray:
+        encoded: np.ndarray = np.eye(2, dtype=np.float32)[y]
+        return encoded
+
+    train_ds = _dataset(
+        train_images, onehot(train_labels), config.batch_size, True, config.seed, augmenter
+    )
     val_ds = _dataset(val_images, onehot(val_labels), config.batch_size, False, config.seed, None)
     early = keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=config.patience, restore_best_weights=True, verbose=0
     )
+    callbacks: list[keras.callbacks.Callback] = [early]
+    if config.ema:
+        # Evaluate (and let early stopping judge) the averaged weights; keep them at the end.
+        callbacks.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     weights = class_weights(train_labels)
     history = model.fit(
         train_ds,
         validation_data=val_ds,
         epochs=config.epochs,
         class_weight=weights,
-        callbacks=[early],
+        callbacks=callbacks,
         verbose=config.verbose,
     )
     return model, {k: [float(v) for v in vals] for k, vals in history.history.items()}

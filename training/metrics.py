@@ -34,7 +34,7 @@ def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> 
         else None
     )
     return {
-        "n": int(len(labels)),
+        "n": len(labels),
         "n_defect": int(labels.sum()),
         "roc_auc": _safe_auc(labels, scores),
         "pr_auc": _safe_ap(labels, scores),
@@ -50,7 +50,9 @@ def binary_metrics(labels: np.ndarray, scores: np.ndarray, threshold: float) -> 
     }
 
 
-def expected_calibration_error(labels: np.ndarray, scores: np.ndarray, bins: int = 10) -> float | None:
+def expected_calibration_error(
+    labels: np.ndarray, scores: np.ndarray, bins: int = 10
+) -> float | None:
     """Mean |accuracy - confidence| over equal-width probability bins, weighted by bin size."""
     if len(labels) == 0:
         return None
@@ -64,7 +66,9 @@ def expected_calibration_error(labels: np.ndarray, scores: np.ndarray, bins: int
     return float(total)
 
 
-def reliability_curve(labels: np.ndarray, scores: np.ndarray, bins: int = 10) -> dict[str, list[float]]:
+def reliability_curve(
+    labels: np.ndarray, scores: np.ndarray, bins: int = 10
+) -> dict[str, list[float]]:
     edges = np.linspace(0.0, 1.0, bins + 1)
     index = np.clip(np.digitize(scores, edges[1:-1]), 0, bins - 1)
     mean_score, frac_pos, counts = [], [], []

@@ -55,7 +55,9 @@ class SplitResult:
     seconds: float
 
     def defect_scores(self, images: np.ndarray) -> np.ndarray:
-        return calibrated_probabilities(predict_logits(self.classifier, images), self.temperature)[:, 1]
+        return calibrated_probabilities(predict_logits(self.classifier, images), self.temperature)[
+            :, 1
+        ]
 
 
 def train_on(data: Dataset, index: np.ndarray, config: RunConfig) -> SplitResult:
@@ -68,23 +70,37 @@ def train_on(data: Dataset, index: np.ndarray, config: RunConfig) -> SplitResult
     assert_disjoint(data.groups, train_index, val_index)
     log.info(
         "training on %d images (%d groups), validating on %d images (groups %s)",
-        len(train_index), len(np.unique(data.groups[train_index])), len(val_index),
+        len(train_index),
+        len(np.unique(data.groups[train_index])),
+        len(val_index),
         sorted(np.unique(data.groups[val_index]).tolist()),
     )
     classifier, history = fit_classifier(
-        data.images[train_index], data.labels[train_index],
-        data.images[val_index], data.labels[val_index],
-        config.input_spec, config.model_spec, config.fit,
+        data.images[train_index],
+        data.labels[train_index],
+        data.images[val_index],
+        data.labels[val_index],
+        config.input_spec,
+        config.model_spec,
+        config.fit,
     )
     val_logits = predict_logits(classifier, data.images[val_index])
     temperature = fit_temperature(val_logits, data.labels[val_index])
     val_scores = calibrated_probabilities(val_logits, temperature)[:, 1]
     points = operating_points(val_scores, data.labels[val_index] == 1, config.min_recall)
-    log.info("temperature %.3f; operating points %s", temperature,
-             {k: round(v.threshold, 4) for k, v in points.items()})
+    log.info(
+        "temperature %.3f; operating points %s",
+        temperature,
+        {k: round(v.threshold, 4) for k, v in points.items()},
+    )
     return SplitResult(
-        classifier, temperature, {k: v.as_dict() for k, v in points.items()},
-        val_index, train_index, history, time.monotonic() - start,
+        classifier,
+        temperature,
+        {k: v.as_dict() for k, v in points.items()},
+        val_index,
+        train_index,
+        history,
+        time.monotonic() - start,
     )
 
 
@@ -92,20 +108,31 @@ def cross_validate(data: Dataset, folds: int, config: RunConfig, out_dir: Path) 
     """Grouped k-fold CV: every score is from a model that never saw that image's group."""
     oof = np.full(len(data), np.nan)
     oof_threshold = np.full(len(data), np.nan)
-    fold_reports = []
+    fold_reports: list[dict[str, Any]] = []
     point = config.default_operating_point
     for k, (train_index, test_index) in enumerate(
         grouped_kfold(data.labels, data.groups, folds, config.fit.seed)
     ):
         assert_disjoint(data.groups, train_index, test_index)
-        log.info("fold %d/%d: test groups %s", k + 1, folds, sorted(np.unique(data.groups[test_index]).tolist()))
+        log.info(
+            "fold %d/%d: test groups %s",
+            k + 1,
+            folds,
+            sorted(np.unique(data.groups[test_index]).tolist()),
+        )
         result = train_on(data, train_index, config)
         scores = result.defect_scores(data.images[test_index])
         threshold = float(result.points[point]["threshold"])
         oof[test_index] = scores
         oof_threshold[test_index] = threshold
         fold_metrics = binary_metrics(data.labels[test_index], scores, threshold)
-        log.info("fold %d: ROC-AUC %s, F1@%s %s", k + 1, fold_metrics["roc_auc"], point, fold_metrics["f1"])
+        log.info(
+            "fold %d: ROC-AUC %s, F1@%s %s",
+            k + 1,
+            fold_metrics["roc_auc"],
+            point,
+            fold_metrics["f1"],
+        )
         fold_reports.append(
             {
                 "fold": k + 1,
@@ -126,7 +153,9 @@ def cross_validate(data: Dataset, folds: int, config: RunConfig, out_dir: Path) 
     pooled_at_point.update(
         roc_auc=binary_metrics(data.labels, oof, 0.5)["roc_auc"],
         pr_auc=binary_metrics(data.labels, oof, 0.5)["pr_auc"],
-        brier=None, ece=None, threshold=f"per-fold '{point}' threshold",
+        brier=None,
+        ece=None,
+        threshold=f"per-fold '{point}' threshold",
     )
     report: dict[str, Any] = {
         "folds": fold_reports,
@@ -137,19 +166,25 @@ def cross_validate(data: Dataset, folds: int, config: RunConfig, out_dir: Path) 
             f"at_{point}": pooled_at_point,
         },
         "breakdown": breakdown(data.labels, oof, 0.5, data.columns, config.breakdown_columns),
-        "plots": write_plots(data.labels, oof, 0.5, out_dir / "plots" / "cv", "grouped CV (pooled)"),
+        "plots": write_plots(
+            data.labels, oof, 0.5, out_dir / "plots" / "cv", "grouped CV (pooled)"
+        ),
     }
     (out_dir / "cv_predictions.csv").write_text(
         "file,group,label,defect_probability,threshold\n"
         + "".join(
             f"{f},{g},{data.class_names[y]},{s:.6f},{t:.6f}\n"
-            for f, g, y, s, t in zip(data.files, data.groups, data.labels, oof, oof_threshold, strict=True)
+            for f, g, y, s, t in zip(
+                data.files, data.groups, data.labels, oof, oof_threshold, strict=True
+            )
         )
     )
     return report
 
 
-def fit_final(data: Dataset, config: RunConfig, out_dir: Path) -> tuple[SplitResult, dict[str, Any]]:
+def fit_final(
+    data: Dataset, config: RunConfig, out_dir: Path
+) -> tuple[SplitResult, dict[str, Any]]:
     """Fit the shipped model on all groups but the validation ones, and save a checkpoint."""
     result = train_on(data, np.arange(len(data)), config)
     val = result.val_index
@@ -164,8 +199,13 @@ def fit_final(data: Dataset, config: RunConfig, out_dir: Path) -> tuple[SplitRes
         "temperature": result.temperature,
         "operating_points": result.points,
         "validation": binary_metrics(data.labels[val], scores, threshold),
-        "plots": write_plots(data.labels[val], scores, threshold, out_dir / "plots" / "validation",
-                             "final model, validation groups"),
+        "plots": write_plots(
+            data.labels[val],
+            scores,
+            threshold,
+            out_dir / "plots" / "validation",
+            "final model, validation groups",
+        ),
     }
     checkpoint = out_dir / CHECKPOINT_DIR
     checkpoint.mkdir(parents=True, exist_ok=True)
@@ -179,7 +219,7 @@ def dataset_summary(data: Dataset, source: str, licence: str | None) -> dict[str
         "licence": licence,
         "counts": data.counts(),
         "n_images": len(data),
-        "n_groups": int(len(np.unique(data.groups))),
+        "n_groups": len(np.unique(data.groups)),
         "grouped_by": data.group_source,
         "skipped_unreadable": [asdict(s) for s in data.skipped],
     }
@@ -201,7 +241,7 @@ def export_model(
     out_dir: Path,
     data_root: Path,
 ) -> dict[str, Any]:
-    """ONNX export, parity gate on real validation images, golden samples, card (JSON + embedded)."""
+    """ONNX export, parity gate on real validation images, golden samples, card (JSON + ONNX)."""
     inference = build_inference_model(classifier, temperature)
     path = out_dir / MODEL_FILE
     convert(inference, path)
@@ -209,7 +249,8 @@ def export_model(
     copied = copy_golden_images(
         [data_root / data.files[i] for i in golden_index],
         [data.class_names[data.labels[i]] for i in golden_index],
-        out_dir, config.input_spec,
+        out_dir,
+        config.input_spec,
     )
     golden_outputs = onnx_outputs(path, np.stack([a for _, _, a in copied]))
     heatmap_shape = tuple(int(d) for d in golden_outputs["heatmap"].shape[1:])

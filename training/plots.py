@@ -8,11 +8,11 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # headless: never needs a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.metrics import precision_recall_curve, roc_curve  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from sklearn.metrics import precision_recall_curve, roc_curve
 
-from training.metrics import reliability_curve  # noqa: E402
+from training.metrics import reliability_curve
 
 
 def write_plots(
@@ -40,24 +40,44 @@ def write_plots(
     fig, ax = plt.subplots(figsize=(4.5, 4.2))
     predicted = scores >= threshold
     matrix = np.array(
-        [[np.sum(~predicted & (labels == 0)), np.sum(predicted & (labels == 0))],
-         [np.sum(~predicted & (labels == 1)), np.sum(predicted & (labels == 1))]]
+        [
+            [np.sum(~predicted & (labels == 0)), np.sum(predicted & (labels == 0))],
+            [np.sum(~predicted & (labels == 1)), np.sum(predicted & (labels == 1))],
+        ]
     )
     ax.imshow(matrix, cmap="Blues")
     for (i, j), value in np.ndenumerate(matrix):
-        ax.text(j, i, str(value), ha="center", va="center", fontsize=14,
-                color="white" if value > matrix.max() / 2 else "black")
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["normal", "defect"],
-           yticklabels=["normal", "defect"], xlabel="predicted", ylabel="true",
-           title=f"Confusion @ {threshold:.3f}")
+        ax.text(
+            j,
+            i,
+            str(value),
+            ha="center",
+            va="center",
+            fontsize=14,
+            color="white" if value > matrix.max() / 2 else "black",
+        )
+    ax.set(
+        xticks=[0, 1],
+        yticks=[0, 1],
+        xticklabels=["normal", "defect"],
+        yticklabels=["normal", "defect"],
+        xlabel="predicted",
+        ylabel="true",
+        title=f"Confusion @ {threshold:.3f}",
+    )
     files["confusion"] = _save(fig, out_dir / "confusion.png")
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     curve: dict[str, Any] = reliability_curve(labels, scores)
     ax.plot([0, 1], [0, 1], ls="--", c="grey", lw=1)
     ax.plot(curve["mean_predicted"], curve["fraction_defect"], marker="o", lw=2)
-    ax.set(xlabel="predicted defect probability", ylabel="observed defect fraction",
-           xlim=(0, 1), ylim=(0, 1), title=f"Reliability — {title}")
+    ax.set(
+        xlabel="predicted defect probability",
+        ylabel="observed defect fraction",
+        xlim=(0, 1),
+        ylim=(0, 1),
+        title=f"Reliability — {title}",
+    )
     files["reliability"] = _save(fig, out_dir / "reliability.png")
     root = out_dir.parent.parent  # plots live in <model dir>/plots/<set>/
     return {k: (out_dir / v).relative_to(root).as_posix() for k, v in files.items()}
