@@ -48,6 +48,11 @@ class ServiceState:
         logger.info("loading model", extra={"fields": {"model_dir": str(self.settings.model_dir)}})
         outcome = await anyio.to_thread.run_sync(load_model, self.settings)
         self.outcome = outcome
+        if outcome.model is not None:  # also when a later check failed: shows the fallback
+            model = outcome.model
+            self.metrics.model_info.labels(
+                model.card.name, model.card.version, model.sha256, model.providers[0]
+            ).set(1)
         if outcome.failure is not None or outcome.model is None:
             self.status = "failed"
             self.reason = outcome.failure or "model loading failed"
@@ -60,9 +65,6 @@ class ServiceState:
         pipeline = InferencePipeline(model, self.settings, self.metrics)
         self.pipeline = pipeline
         self.metrics.pending.set_function(lambda: pipeline.executor.pending)
-        self.metrics.model_info.labels(
-            model.card.name, model.card.version, model.sha256, model.providers[0]
-        ).set(1)
         self.status = "ready"
         self.reason = None
         self.metrics.ready.set(1)

@@ -41,7 +41,7 @@ def fixture_images() -> list[FixtureImage]:
     return [FixtureImage(FIXTURES / name, label) for name, label in sorted(manifest.items())]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"  # uvicorn serves on asyncio; the batcher hands results to asyncio futures
 
@@ -87,19 +87,23 @@ async def wait_until_loaded(app: FastAPI, timeout: float = 60.0) -> None:
 AppClientFactory = Callable[..., AbstractAsyncContextManager[AppClient]]
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def app_client(shipped_model_dir: Path) -> AppClientFactory:
     """``async with app_client(**settings) as client``: an app with its lifespan, loaded."""
     from app.main import create_app
     from app.settings import Settings
 
     @asynccontextmanager
-    async def factory(**overrides: Any) -> AsyncIterator[AppClient]:
+    async def factory(
+        raise_app_exceptions: bool = True, **overrides: Any
+    ) -> AsyncIterator[AppClient]:
         overrides.setdefault("model_dir", shipped_model_dir)
-        overrides.setdefault("warmup_runs", 1)
+        overrides.setdefault("warmup_runs", 0)  # warm-up has its own test; keep tests quick
         app = create_app(Settings(**overrides))
         async with LifespanManager(app, startup_timeout=60, shutdown_timeout=30) as manager:
-            transport = httpx.ASGITransport(app=manager.app)
+            transport = httpx.ASGITransport(
+                app=manager.app, raise_app_exceptions=raise_app_exceptions
+            )
             async with AppClient(
                 transport=transport, base_url="http://testserver", timeout=30
             ) as client:

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import AppClientFactory, edit_card
 from pydantic import ValidationError
 
 from app.cpu_budget import available_cpus, cgroup_cpu_limit
 from app.model_loader import load_model
 from app.settings import Settings
-from conftest import AppClientFactory, edit_card
 
 pytestmark = pytest.mark.anyio
 
@@ -193,19 +193,22 @@ async def test_missing_model_gives_503_on_model_endpoint(
         assert "does not exist" in response.json()["error"]["message"]
 
 
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider':UserWarning")
 async def test_required_cuda_service_reports_why_and_the_real_provider(
     app_client: AppClientFactory,
 ) -> None:
-    with pytest.warns(UserWarning, match="CUDAExecutionProvider"):
-        async with app_client(provider="cuda") as client:
-            model = (await client.get("/model")).json()
-            if "CUDAExecutionProvider" in model["providers"]:
-                pytest.skip("this machine really has CUDA")
-            ready = await client.get("/ready")
-            assert ready.status_code == 503
-            assert "provider 'cuda' is required" in ready.json()["error"]["message"]
-            assert model["provider_setting"] == "cuda"
-            assert model["providers"] == ["CPUExecutionProvider"]
+    async with app_client(provider="cuda") as client:
+        model = (await client.get("/model")).json()
+        if "CUDAExecutionProvider" in model["providers"]:
+            pytest.skip("this machine really has CUDA")
+        ready = await client.get("/ready")
+        metrics = (await client.get("/metrics")).text
+    assert ready.status_code == 503
+    assert "provider 'cuda' is required" in ready.json()["error"]["message"]
+    assert model["provider_setting"] == "cuda"
+    assert model["providers"] == ["CPUExecutionProvider"]
+    assert 'provider="CPUExecutionProvider"' in metrics  # the fallback is visible to monitoring
+    assert "defect_model_ready 0.0" in metrics
 
 
 async def test_default_thread_budget_follows_available_cpus(app_client: AppClientFactory) -> None:
@@ -271,9 +274,7 @@ def test_cgroup_v1_unlimited(tmp_path: Path) -> None:
 
 def test_no_cgroup_information_means_affinity(tmp_path: Path) -> None:
     assert cgroup_cpu_limit(tmp_path / "none", tmp_path / "none-proc") is None
-    assert available_cpus(tmp_path / "none", tmp_path / "none-proc") == len(
-        os.sched_getaffinity(0)
-    )
+    assert available_cpus(tmp_path / "none", tmp_path / "none-proc") == len(os.sched_getaffinity(0))
 
 
 # --- settings ---------------------------------------------------------------------------------
