@@ -57,15 +57,18 @@ RUN set -eu; \
 # train-builder / train: the same venv plus the `train` extra (TensorFlow, tf2onnx, ...).
 # Used by `docker compose --profile train run --rm train`; never part of the serving image.
 FROM deps AS train-builder
+# The heavy layer first, so that code changes do not reinstall TensorFlow.
+RUN set -eu; \
+    python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['optional-dependencies']['train']))" > requirements-train.txt; \
+    /opt/venv/bin/python -m pip install --quiet -c constraints.txt -r requirements-train.txt
 COPY README.md LICENSE ./
 COPY app/ app/
 COPY training/ training/
 RUN set -eu; \
-    python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['optional-dependencies']['train']))" > requirements-train.txt; \
-    /opt/venv/bin/python -m pip install --quiet -c constraints.txt -r requirements-train.txt; \
     /opt/venv/bin/python -m pip wheel --quiet --no-deps --wheel-dir /tmp/wheels .; \
     /opt/venv/bin/python -m pip install --quiet --no-deps /tmp/wheels/*.whl; \
-    /opt/venv/bin/python -m pip uninstall --quiet --yes pip setuptools wheel 2>/dev/null || true
+    /opt/venv/bin/python -m pip uninstall --quiet --yes pip setuptools wheel 2>/dev/null || true; \
+    /opt/venv/bin/python -c "import tensorflow, tf2onnx, training.cli; print('tensorflow', tensorflow.__version__)"
 
 FROM ${PYTHON_IMAGE} AS train
 ENV PATH=/opt/venv/bin:$PATH \
