@@ -88,9 +88,7 @@ class PayloadTooLargeError(HTTPException):
     """
 
     def __init__(self, limit: int) -> None:
-        super().__init__(
-            413, f"request body exceeds the limit of {limit} bytes", headers={"Connection": "close"}
-        )
+        super().__init__(413, f"request body exceeds the limit of {limit} bytes")
 
 
 class BodySizeLimitMiddleware:
@@ -149,8 +147,9 @@ class BodySizeLimitMiddleware:
         message = f"request body exceeds the limit of {self.max_body_bytes} bytes"
         if declared_length is not None:
             message += f" (Content-Length: {declared_length})"
-        # Close the connection: the client may still be sending a body we will not read.
-        response = error_response(
-            scope, 413, "payload_too_large", message, headers={"Connection": "close"}
-        )
+        # No "Connection: close": closing with unread bytes makes the kernel reset the
+        # connection, and a client still uploading would never see the 413. uvicorn discards
+        # (does not buffer) the rest of the body and drops the connection after its keep-alive
+        # timeout, which bounds what an abusive client can push.
+        response = error_response(scope, 413, "payload_too_large", message)
         await response(scope, receive, send)
