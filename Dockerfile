@@ -13,6 +13,7 @@ ARG PYTHON_IMAGE=python:3.11-slim
 # ---------------------------------------------------------------------------------------------
 # deps: a venv with the serving dependencies only (cached until pyproject/constraints change).
 FROM ${PYTHON_IMAGE} AS deps
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # onnxruntime (CPU) or onnxruntime-gpu (installed with its [cuda,cudnn] extras: CUDA and cuDNN
 # come as pip wheels, so the base image needs no CUDA toolkit; the host needs the NVIDIA driver
 # and the NVIDIA container toolkit).
@@ -40,6 +41,7 @@ RUN set -eu; \
 # ---------------------------------------------------------------------------------------------
 # builder: the project's own wheel, installed without dependencies (they are all pinned above).
 FROM deps AS builder
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 COPY README.md LICENSE ./
 COPY app/ app/
 COPY training/ training/
@@ -51,12 +53,16 @@ RUN set -eu; \
     # Not needed to serve (about 27 MB): NumPy's test suites and onnxruntime's offline tools. \
     find "$site/numpy" -type d -name tests -prune -exec rm -rf {} +; \
     rm -rf "$site/onnxruntime/transformers" "$site/onnxruntime/quantization" "$site/onnxruntime/tools"; \
+    # onnxruntime-gpu: CUDA/cuDNN come as nvidia-* wheels whose lib folders the dynamic loader \
+    # does not search; list them for ldconfig in the runtime stage (empty for the CPU build). \
+    if [ -d "$site/nvidia" ]; then find "$site/nvidia" -mindepth 2 -maxdepth 2 -type d -name lib | sort; fi > /opt/venv/ld.so.conf; \
     /opt/venv/bin/python -c "import fastapi, numpy, onnxruntime, uvicorn, app.main; print('onnxruntime', onnxruntime.__version__, onnxruntime.get_available_providers())"
 
 # ---------------------------------------------------------------------------------------------
 # train-builder / train: the same venv plus the `train` extra (TensorFlow, tf2onnx, ...).
 # Used by `docker compose --profile train run --rm train`; never part of the serving image.
 FROM deps AS train-builder
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # The heavy layer first, so that code changes do not reinstall TensorFlow.
 RUN set -eu; \
     python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\n'.join(p['optional-dependencies']['train']))" > requirements-train.txt; \
@@ -99,6 +105,9 @@ RUN groupadd --system --gid 10001 defect \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
        --shell /usr/sbin/nologin defect
 COPY --from=builder /opt/venv /opt/venv
+RUN if [ -s /opt/venv/ld.so.conf ]; then \
+      cp /opt/venv/ld.so.conf /etc/ld.so.conf.d/onnxruntime-gpu-wheels.conf && ldconfig; \
+    fi
 WORKDIR /app
 # The shipped default model, so the image serves out of the box (owned by root: read-only to
 # the service). Mount another folder over /app/models to serve a different model.
