@@ -8,11 +8,12 @@ import time
 from collections import Counter
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Query, Request, UploadFile
+from fastapi import APIRouter, Query, Request
 from starlette.responses import Response
 
 from app.dependencies import PipelineDep
 from app.errors import PREDICT_ERROR_RESPONSES, ApiError, image_error_status
+from app.multipart import Part, TooManyFilesError, read_files
 from app.pipeline import InferencePipeline, PredictOptions, Reservation
 from app.preprocessing import ImageError
 from app.request_context import annotate, context_of, require_request_id
@@ -51,6 +52,26 @@ HeatmapQuery = Annotated[
 IMAGE_TYPES = "JPEG, PNG, BMP, TIFF, WebP or GIF, decided by content"
 
 
+def _multipart_body(field_name: str, description: str, many: bool) -> dict[str, Any]:
+    """OpenAPI request body for the lean multipart reader (FastAPI cannot infer it)."""
+    binary: dict[str, Any] = {"type": "string", "format": "binary", "description": description}
+    schema = {"type": "array", "items": binary} if many else binary
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": [field_name],
+                        "properties": {field_name: schema},
+                    }
+                }
+            },
+        }
+    }
+
+
 def json_response(payload: dict[str, Any], status_code: int = 200) -> Response:
     """Serialise once with the C JSON encoder; no response-model re-validation."""
     return Response(
@@ -73,20 +94,28 @@ def _elapsed_ms(request: Request) -> float:
     summary="Classify one part photo",
     description="Upload one image as multipart/form-data field `file` (" + IMAGE_TYPES + "). "
     "The verdict uses the threshold of the chosen operating point (or an explicit threshold).",
+    openapi_extra=_multipart_body("file", "The part photo (" + IMAGE_TYPES + ").", many=False),
 )
 async def predict(
     request: Request,
-    file: Annotated[UploadFile, File(description="The part photo (" + IMAGE_TYPES + ").")],
     pipeline: PipelineDep,
     threshold: ThresholdQuery = None,
     operating_point: OperatingPointQuery = None,
     heatmap: HeatmapQuery = False,
 ) -> Response:
     options = pipeline.resolve_options(threshold, operating_point, heatmap)
-    data = await file.read()
+    try:
+        files = await read_files(request, "file", max_files=1)
+    except TooManyFilesError as exc:
+        raise ApiError(
+            422,
+            "validation_error",
+            "send exactly one file in field 'file' (/predict/batch takes several)",
+            details=exc.details,
+        ) from exc
     reservation = pipeline.reserve(1)
     try:
-        result = await pipeline.predict(data, reservation, options)
+        result = await pipeline.predict(files[0].data, reservation, options)
     except ImageError as exc:
         pipeline.metrics.item_errors.labels(exc.code).inc()
         annotate(request.scope, error=exc.code)
@@ -115,14 +144,13 @@ async def predict(
 async def _batch_item(
     pipeline: InferencePipeline,
     index: int,
-    upload: UploadFile,
+    upload: Part,
     reservation: Reservation,
     options: PredictOptions,
 ) -> dict[str, Any]:
     item: dict[str, Any] = {"index": index, "filename": upload.filename, "ok": False}
     try:
-        data = await upload.read()
-        item["prediction"] = await pipeline.predict(data, reservation, options)
+        item["prediction"] = await pipeline.predict(upload.data, reservation, options)
     except ImageError as exc:
         pipeline.metrics.item_errors.labels(exc.code).inc()
         item["prediction"] = None
@@ -146,10 +174,10 @@ async def _batch_item(
     "its own result or its own error (with the status it would have on /predict); one bad "
     "file does not fail the others, and the response is 200 as long as the request itself is "
     "valid. At most DEFECT_MAX_BATCH_FILES files.",
+    openapi_extra=_multipart_body("files", "The part photos (" + IMAGE_TYPES + ").", many=True),
 )
 async def predict_batch(
     request: Request,
-    files: Annotated[list[UploadFile], File(description="The part photos.")],
     pipeline: PipelineDep,
     threshold: ThresholdQuery = None,
     operating_point: OperatingPointQuery = None,
@@ -157,13 +185,11 @@ async def predict_batch(
 ) -> Response:
     options = pipeline.resolve_options(threshold, operating_point, heatmap)
     limit = pipeline.settings.max_batch_files
-    if len(files) > limit:
-        raise ApiError(
-            422,
-            "too_many_files",
-            f"{len(files)} files sent, at most {limit} per request (DEFECT_MAX_BATCH_FILES)",
-            details={"max_files": limit, "received": len(files)},
-        )
+    try:
+        files = await read_files(request, "files", max_files=limit)
+    except TooManyFilesError as exc:
+        exc.message += " (DEFECT_MAX_BATCH_FILES)"
+        raise
     reservation = pipeline.reserve(len(files))
     try:
         items = await asyncio.gather(

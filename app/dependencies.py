@@ -10,20 +10,24 @@ from app.metrics import ServiceMetrics
 from app.pipeline import InferencePipeline
 from app.service import ServiceState
 
+# ``async def`` on purpose: FastAPI runs plain ``def`` dependencies in its threadpool, a thread
+# hop per request for what is a dictionary lookup.
 
-def get_service(request: Request) -> ServiceState:
+
+async def get_service(request: Request) -> ServiceState:
     service: ServiceState = request.app.state.service
     return service
 
 
-def get_metrics(request: Request) -> ServiceMetrics:
+async def get_metrics(request: Request) -> ServiceMetrics:
     metrics: ServiceMetrics = request.app.state.metrics
     return metrics
 
 
-def get_ready_pipeline(request: Request) -> InferencePipeline:
+async def get_ready_pipeline(request: Request) -> InferencePipeline:
     """The inference pipeline; 503 ``not_ready`` (with the reason) until the model is verified."""
-    return get_service(request).require_pipeline()
+    service: ServiceState = request.app.state.service
+    return service.require_pipeline()
 
 
 ServiceDep = Annotated[ServiceState, Depends(get_service)]

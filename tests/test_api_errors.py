@@ -325,3 +325,94 @@ async def test_no_error_test_produced_a_500(client: AppClient) -> None:
         if line.startswith("defect_http_requests_total") and 'status="500"' in line
     ]
     assert all(line.endswith(" 1.0") for line in five_hundreds), five_hundreds
+
+
+# --- multipart edge cases (the service reads multipart itself, see app/multipart.py) ----------
+
+
+def multipart_body(parts: list[tuple[str, str | None, bytes]], boundary: str = "XyZ") -> bytes:
+    chunks = []
+    for name, filename, data in parts:
+        disposition = f'form-data; name="{name}"'
+        if filename is not None:
+            disposition += f'; filename="{filename}"'
+        chunks.append(
+            f"--{boundary}\r\nContent-Disposition: {disposition}\r\n"
+            "Content-Type: application/octet-stream\r\n\r\n".encode()
+            + data
+            + b"\r\n"
+        )
+    return b"".join(chunks) + f"--{boundary}--\r\n".encode()
+
+
+MULTIPART = {"Content-Type": "multipart/form-data; boundary=XyZ"}
+
+
+async def test_two_files_on_predict_is_422(client: AppClient, images: list[FixtureImage]) -> None:
+    body = multipart_body([("file", "a.jpg", images[0].data), ("file", "b.jpg", images[1].data)])
+    response = await client.post("/predict", content=body, headers=MULTIPART)
+    error = assert_error(response, 422, "validation_error")
+    assert "exactly one file" in error["message"]
+
+
+async def test_file_part_without_filename_is_accepted(
+    client: AppClient, images: list[FixtureImage]
+) -> None:
+    body = multipart_body([("file", None, images[0].data)])  # like curl -F "file=<photo.jpg"
+    response = await client.post("/predict", content=body, headers=MULTIPART)
+    assert response.status_code == 200
+    assert response.json()["label"] == images[0].label
+
+
+async def test_other_form_fields_are_ignored(client: AppClient, images: list[FixtureImage]) -> None:
+    body = multipart_body([("note", None, b"camera 3"), ("file", "a.jpg", images[0].data)])
+    response = await client.post("/predict", content=body, headers=MULTIPART)
+    assert response.status_code == 200
+
+
+async def test_truncated_multipart_is_400(client: AppClient, images: list[FixtureImage]) -> None:
+    body = multipart_body([("file", "a.jpg", images[0].data)])
+    response = await client.post("/predict", content=body[:-40], headers=MULTIPART)
+    error = assert_error(response, 400, "bad_request")
+    assert "truncated" in error["message"]
+
+
+async def test_multipart_without_boundary_is_400(client: AppClient) -> None:
+    response = await client.post(
+        "/predict", content=b"abc", headers={"Content-Type": "multipart/form-data"}
+    )
+    assert_error(response, 400, "bad_request")
+
+
+async def test_part_without_a_name_is_400(client: AppClient) -> None:
+    body = b'--XyZ\r\nContent-Disposition: form-data; filename="a.jpg"\r\n\r\nxx\r\n--XyZ--\r\n'
+    response = await client.post("/predict", content=body, headers=MULTIPART)
+    assert_error(response, 400, "bad_request")
+
+
+async def test_oversized_part_headers_are_400(client: AppClient) -> None:
+    body = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="file"\r\nX-Padding: '
+        + b"a" * 20_000
+        + b"\r\n\r\nxx\r\n--XyZ--\r\n"
+    )
+    response = await client.post("/predict", content=body, headers=MULTIPART)
+    assert_error(response, 400, "bad_request")
+
+
+async def test_batch_stops_reading_parts_beyond_the_limit(
+    app_client: AppClientFactory, images: list[FixtureImage]
+) -> None:
+    async with app_client(max_batch_files=2) as small:
+        many_fields = multipart_body([("junk", None, b"x")] * 40)
+        response = await small.post("/predict/batch", content=many_fields, headers=MULTIPART)
+        error = assert_error(response, 422, "too_many_files")
+        assert "DEFECT_MAX_BATCH_FILES" in error["message"]
+
+
+async def test_non_ascii_filenames_are_echoed(
+    client: AppClient, images: list[FixtureImage]
+) -> None:
+    body = multipart_body([("files", "prüfteil-ü.jpg", images[0].data)])
+    response = await client.post("/predict/batch", content=body, headers=MULTIPART)
+    assert response.json()["results"][0]["filename"] == "prüfteil-ü.jpg"

@@ -143,6 +143,10 @@ async def test_openapi_declares_every_error_and_examples(client: AppClient) -> N
             assert content["example"]["error"]["code"]
         parameters = {param["name"] for param in operation["parameters"]}
         assert parameters == {"threshold", "operating_point", "heatmap"}
+        body = operation["requestBody"]["content"]["multipart/form-data"]["schema"]
+        field = "file" if path == "/predict" else "files"
+        assert body["required"] == [field]
+        assert field in body["properties"]
     assert "503" in spec["paths"]["/ready"]["get"]["responses"]
     schemas = spec["components"]["schemas"]
     assert schemas["PredictionResponse"]["examples"]
