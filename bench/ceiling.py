@@ -1,0 +1,249 @@
+"""The ceiling: what decode + preprocess + onnxruntime achieve in-process, with no HTTP at all.
+
+This is the upper bound the service is compared with, so it is built to be as fast as this
+hardware allows with the service's own resources:
+
+* the same ONNX file, the same ``SessionOptions`` (``app.onnx_model.session_options``) and the
+  same intra-op thread count as the service;
+* the same decoding and preprocessing code (``app.preprocessing.preprocess_bytes``);
+* two schedules, and the best one counts: *sequential* (one thread decodes a batch, then runs
+  it) and *pipelined* (``decode_threads`` workers decode ahead while the model runs, which is
+  what the service's micro-batcher does), at every batch size asked for;
+* batches are written into one preallocated input buffer (no per-batch allocation).
+
+It also reports the model alone on pre-decoded tensors (images/s per batch size) and the
+single-image latency (decode + preprocess + one run, one image at a time), the figure the
+service's p50 at concurrency 1 is held against.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from app.model_card import ModelCard, read_card
+from app.onnx_model import session_options
+from app.preprocessing import preprocess_bytes
+from bench.loadgen import percentiles_ms
+
+
+@dataclass
+class CeilingModel:
+    session: ort.InferenceSession
+    card: ModelCard
+    input_name: str
+    output_names: list[str]
+    threads: int
+
+    def run(self, batch: np.ndarray) -> list[np.ndarray]:
+        outputs: list[np.ndarray] = self.session.run(self.output_names, {self.input_name: batch})
+        return outputs
+
+
+def load_ceiling_model(model_dir: Path, threads: int, spinning: bool = False) -> CeilingModel:
+    card, _ = read_card(model_dir)
+    session = ort.InferenceSession(
+        str(model_dir / card.onnx.file),
+        sess_options=session_options(threads, spinning),
+        providers=["CPUExecutionProvider"],
+    )
+    return CeilingModel(
+        session,
+        card,
+        card.input.name,
+        [card.outputs.probabilities.name, card.outputs.heatmap.name],
+        threads,
+    )
+
+
+def _timed(function: Callable[[], int]) -> tuple[float, int]:
+    started = time.perf_counter()
+    count = function()
+    return time.perf_counter() - started, count
+
+
+class Ceiling:
+    """Runs the ceiling measurements for one model on one image list."""
+
+    def __init__(
+        self, model: CeilingModel, images: Sequence[bytes], decode_threads: int, max_batch: int
+    ) -> None:
+        self.model = model
+        self.images = list(images)
+        self.decode_threads = decode_threads
+        self.spec = model.card.input_spec
+        shape = (max_batch, self.spec.height, self.spec.width, self.spec.channels)
+        self.buffer = np.empty(shape, dtype=np.float32)
+
+    def decode(self, index: int) -> np.ndarray:
+        return preprocess_bytes(self.images[index % len(self.images)], self.spec)
+
+    def warm_up(self, batch_sizes: Sequence[int]) -> None:
+        tensor = self.decode(0)
+        for size in batch_sizes:
+            self.buffer[:size] = tensor
+            for _ in range(3):
+                self.model.run(self.buffer[:size])
+
+    def sequential(self, batch: int, total: int) -> float:
+        """One thread: decode ``batch`` images into the buffer, run, repeat. Images/s."""
+        buffer = self.buffer
+
+        def loop() -> int:
+            done = 0
+            while done < total:
+                size = min(batch, total - done)
+                for slot in range(size):
+                    buffer[slot] = self.decode(done + slot)
+                self.model.run(buffer[:size])
+                done += size
+            return done
+
+        seconds, count = _timed(loop)
+        return count / seconds
+
+    def pipelined(self, batch: int, total: int) -> float:
+        """``decode_threads`` workers decode ahead while this thread runs the model. Images/s."""
+        buffer = self.buffer
+        window = 2 * batch + self.decode_threads  # decoded-ahead images kept in memory
+
+        def loop() -> int:
+            pending: deque[Future[np.ndarray]] = deque()
+            submitted = 0
+            done = 0
+            with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode") as pool:
+
+                def top_up() -> None:
+                    nonlocal submitted
+                    while len(pending) < window and submitted < total:
+                        pending.append(pool.submit(self.decode, submitted))
+                        submitted += 1
+
+                top_up()
+                while done < total:
+                    size = min(batch, total - done)
+                    for slot in range(size):
+                        buffer[slot] = pending.popleft().result()
+                    top_up()
+                    self.model.run(buffer[:size])
+                    done += size
+            return done
+
+        seconds, count = _timed(loop)
+        return count / seconds
+
+    def model_only(self, batch: int, total: int) -> float:
+        """onnxruntime alone on already-decoded tensors (what batching can buy the model)."""
+        tensors = [self.decode(i) for i in range(min(len(self.images), batch))]
+        for slot in range(batch):
+            self.buffer[slot] = tensors[slot % len(tensors)]
+        runs = max(1, total // batch)
+
+        def loop() -> int:
+            for _ in range(runs):
+                self.model.run(self.buffer[:batch])
+            return runs * batch
+
+        seconds, count = _timed(loop)
+        return count / seconds
+
+    def single_image_latency(self, total: int) -> dict[str, Any]:
+        """Decode + preprocess + one run per image, one at a time: the per-request floor."""
+        whole: list[float] = []
+        decode: list[float] = []
+        run: list[float] = []
+        for index in range(total):
+            started = time.perf_counter()
+            tensor = self.decode(index)
+            decoded = time.perf_counter()
+            self.model.run(tensor[np.newaxis])
+            finished = time.perf_counter()
+            whole.append(finished - started)
+            decode.append(decoded - started)
+            run.append(finished - decoded)
+        return {
+            "images": total,
+            "total_ms": percentiles_ms(whole),
+            "decode_preprocess_ms": percentiles_ms(decode),
+            "onnxruntime_ms": percentiles_ms(run),
+        }
+
+
+def measure_ceiling(
+    model_dir: Path,
+    images: Sequence[bytes],
+    *,
+    threads: int,
+    decode_threads: int,
+    batch_sizes: Sequence[int],
+    total: int,
+    latency_images: int,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """All ceiling figures; ``best`` is the highest images/s of any schedule and batch size."""
+    model = load_ceiling_model(model_dir, threads)
+    ceiling = Ceiling(model, images, decode_threads, max(batch_sizes))
+    ceiling.warm_up(batch_sizes)
+    latency = ceiling.single_image_latency(latency_images)
+    log(
+        f"  single image: p50 {latency['total_ms']['p50']} ms "
+        f"(decode+preprocess {latency['decode_preprocess_ms']['p50']} ms, "
+        f"onnxruntime {latency['onnxruntime_ms']['p50']} ms)"
+    )
+    rows = []
+    for batch in batch_sizes:
+        row = {
+            "batch_size": batch,
+            "model_only": round(ceiling.model_only(batch, total), 2),
+            "sequential": round(ceiling.sequential(batch, total), 2),
+            "pipelined": round(ceiling.pipelined(batch, total), 2),
+        }
+        rows.append(row)
+        log(
+            f"  batch {batch:>3}: pipelined {row['pipelined']:8.1f} img/s, sequential "
+            f"{row['sequential']:8.1f}, model only {row['model_only']:8.1f}"
+        )
+    best = max(
+        (
+            {"schedule": schedule, "batch_size": row["batch_size"], "throughput": row[schedule]}
+            for row in rows
+            for schedule in ("pipelined", "sequential")
+        ),
+        key=lambda item: float(item["throughput"]),
+    )
+    return {
+        "threads": threads,
+        "decode_threads": decode_threads,
+        "images_per_batch_size": total,
+        "providers": list(model.session.get_providers()),
+        "by_batch_size": rows,
+        "best": best,
+        "single_image": latency,
+    }
+
+
+def recheck_best(
+    model_dir: Path,
+    images: Sequence[bytes],
+    best: dict[str, Any],
+    *,
+    threads: int,
+    decode_threads: int,
+    total: int,
+) -> float:
+    """The best configuration measured again (at the end of the run, to expose drift)."""
+    model = load_ceiling_model(model_dir, threads)
+    batch = int(best["batch_size"])
+    ceiling = Ceiling(model, images, decode_threads, batch)
+    ceiling.warm_up([batch])
+    if best["schedule"] == "pipelined":
+        return round(ceiling.pipelined(batch, total), 2)
+    return round(ceiling.sequential(batch, total), 2)
