@@ -6,48 +6,21 @@ import asyncio
 import json
 import time
 from collections import Counter
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from app.dependencies import PipelineDep
 from app.errors import PREDICT_ERROR_RESPONSES, ApiError, image_error_status
 from app.multipart import Part, TooManyFilesError, read_files
 from app.pipeline import InferencePipeline, PredictOptions, Reservation
+from app.predict_params import OPENAPI_PARAMETERS, PredictQueryDep
 from app.preprocessing import ImageError
 from app.request_context import annotate, context_of, require_request_id
 from app.schemas import BatchResponse, PredictionResponse
 
 router = APIRouter(tags=["prediction"])
-
-ThresholdQuery = Annotated[
-    float | None,
-    Query(
-        ge=0.0,
-        le=1.0,
-        allow_inf_nan=False,
-        description="Decision threshold on the defect probability (defect if p >= threshold). "
-        "Mutually exclusive with operating_point.",
-        examples=[0.5],
-    ),
-]
-OperatingPointQuery = Annotated[
-    str | None,
-    Query(
-        max_length=100,
-        description="Named operating point from the model card (e.g. balanced, high_recall, "
-        "default); GET /model lists them. Default: the card's default_operating_point.",
-        examples=["high_recall"],
-    ),
-]
-HeatmapQuery = Annotated[
-    bool,
-    Query(
-        description="Add the defect heatmap: a PNG overlay (base64), the box of the hottest "
-        "region in original-image pixels, and the defect area fraction."
-    ),
-]
 
 IMAGE_TYPES = "JPEG, PNG, BMP, TIFF, WebP or GIF, decided by content"
 
@@ -57,6 +30,7 @@ def _multipart_body(field_name: str, description: str, many: bool) -> dict[str, 
     binary: dict[str, Any] = {"type": "string", "format": "binary", "description": description}
     schema = {"type": "array", "items": binary} if many else binary
     return {
+        "parameters": OPENAPI_PARAMETERS,
         "requestBody": {
             "required": True,
             "content": {
@@ -68,7 +42,7 @@ def _multipart_body(field_name: str, description: str, many: bool) -> dict[str, 
                     }
                 }
             },
-        }
+        },
     }
 
 
@@ -96,14 +70,8 @@ def _elapsed_ms(request: Request) -> float:
     "The verdict uses the threshold of the chosen operating point (or an explicit threshold).",
     openapi_extra=_multipart_body("file", "The part photo (" + IMAGE_TYPES + ").", many=False),
 )
-async def predict(
-    request: Request,
-    pipeline: PipelineDep,
-    threshold: ThresholdQuery = None,
-    operating_point: OperatingPointQuery = None,
-    heatmap: HeatmapQuery = False,
-) -> Response:
-    options = pipeline.resolve_options(threshold, operating_point, heatmap)
+async def predict(request: Request, pipeline: PipelineDep, query: PredictQueryDep) -> Response:
+    options = pipeline.resolve_options(query.threshold, query.operating_point, query.heatmap)
     try:
         files = await read_files(request, "file", max_files=1)
     except TooManyFilesError as exc:
@@ -177,13 +145,9 @@ async def _batch_item(
     openapi_extra=_multipart_body("files", "The part photos (" + IMAGE_TYPES + ").", many=True),
 )
 async def predict_batch(
-    request: Request,
-    pipeline: PipelineDep,
-    threshold: ThresholdQuery = None,
-    operating_point: OperatingPointQuery = None,
-    heatmap: HeatmapQuery = False,
+    request: Request, pipeline: PipelineDep, query: PredictQueryDep
 ) -> Response:
-    options = pipeline.resolve_options(threshold, operating_point, heatmap)
+    options = pipeline.resolve_options(query.threshold, query.operating_point, query.heatmap)
     limit = pipeline.settings.max_batch_files
     try:
         files = await read_files(request, "files", max_files=limit)

@@ -154,6 +154,8 @@ async def test_every_operating_point_of_the_card(
         ({"threshold": "nan"}, "validation_error"),
         ({"threshold": "inf"}, "validation_error"),
         ({"heatmap": "perhaps"}, "validation_error"),
+        ({"operating_point": ""}, "validation_error"),
+        ({"operating_point": "x" * 101}, "validation_error"),
     ],
 )
 async def test_bad_parameters_are_422(
@@ -164,6 +166,34 @@ async def test_bad_parameters_are_422(
     error = response.json()["error"]
     assert error["code"] == code
     assert error["request_id"] == response.headers["X-Request-ID"]
+
+
+async def test_validation_errors_name_every_bad_field(
+    client: AppClient, images: list[FixtureImage]
+) -> None:
+    response = await client.post(
+        "/predict", files=file_part(images[0].data), params={"threshold": "x", "heatmap": "?"}
+    )
+    error = response.json()["error"]
+    assert [detail["loc"] for detail in error["details"]] == [
+        ["query", "threshold"],
+        ["query", "heatmap"],
+    ]
+    assert "query.threshold" in error["message"]
+    assert "query.heatmap" in error["message"]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("1", True), ("YES", True), ("on", True), ("0", False), ("off", False)]
+)
+async def test_heatmap_flag_spellings(
+    client: AppClient, images: list[FixtureImage], value: str, expected: bool
+) -> None:
+    response = await client.post(
+        "/predict", files=file_part(images[0].data), params={"heatmap": value}
+    )
+    assert response.status_code == 200
+    assert (response.json()["heatmap"] is not None) is expected
 
 
 async def test_unknown_operating_point_lists_the_valid_ones(
