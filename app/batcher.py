@@ -61,7 +61,7 @@ class _Item(Generic[In, Out]):
     enqueued: float
 
 
-class _BatcherReservation(Generic[In, Out]):
+class BatcherReservation(Generic[In, Out]):
     """Slots held by one request. Each :meth:`submit` uses one; :meth:`release` frees unused
     ones. Its counter is only touched under the batcher's lock: a batch request submits from
     several decoding threads at once."""
@@ -80,7 +80,7 @@ class _BatcherReservation(Generic[In, Out]):
         to decode, so the worker stops waiting for it."""
         self._batcher._unreserve(self, count)
 
-    def __enter__(self) -> _BatcherReservation[In, Out]:
+    def __enter__(self) -> BatcherReservation[In, Out]:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -119,7 +119,7 @@ class MicroBatcher(Generic[In, Out]):
         """Admitted items not yet picked up by the worker."""
         return self._expected + len(self._queue)
 
-    def reserve(self, count: int = 1) -> _BatcherReservation[In, Out]:
+    def reserve(self, count: int = 1) -> BatcherReservation[In, Out]:
         """Hold ``count`` slots or raise :class:`QueueFullError` at once (never blocks)."""
         if count < 1:
             raise ValueError("reserve at least one slot")
@@ -132,9 +132,9 @@ class MicroBatcher(Generic[In, Out]):
                     f"{self._max_queue}"
                 )
             self._expected += count
-        return _BatcherReservation(self, count)
+        return BatcherReservation(self, count)
 
-    def _unreserve(self, reservation: _BatcherReservation[In, Out], count: int | None) -> None:
+    def _unreserve(self, reservation: BatcherReservation[In, Out], count: int | None) -> None:
         with self._condition:
             held = reservation._remaining
             count = held if count is None else max(0, min(count, held))
@@ -144,7 +144,7 @@ class MicroBatcher(Generic[In, Out]):
                 self._condition.notify()  # the worker may stop waiting for batch-mates
 
     def _enqueue(
-        self, payload: In, reservation: _BatcherReservation[In, Out]
+        self, payload: In, reservation: BatcherReservation[In, Out]
     ) -> Future[Completed[Out]]:
         future: Future[Completed[Out]] = Future()
         with self._condition:
@@ -243,7 +243,7 @@ class MicroBatcher(Generic[In, Out]):
                 logger.exception("batch observer failed")
 
 
-class _DirectReservation(Generic[In, Out]):
+class DirectReservation(Generic[In, Out]):
     __slots__ = ("_executor", "_remaining")
 
     def __init__(self, executor: DirectExecutor[In, Out], count: int) -> None:
@@ -260,7 +260,7 @@ class _DirectReservation(Generic[In, Out]):
     def release(self, count: int | None = None) -> None:
         self._executor._unreserve(self, count)
 
-    def __enter__(self) -> _DirectReservation[In, Out]:
+    def __enter__(self) -> DirectReservation[In, Out]:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -289,7 +289,7 @@ class DirectExecutor(Generic[In, Out]):
     def pending(self) -> int:
         return self._in_flight
 
-    def reserve(self, count: int = 1) -> _DirectReservation[In, Out]:
+    def reserve(self, count: int = 1) -> DirectReservation[In, Out]:
         if count < 1:
             raise ValueError("reserve at least one slot")
         with self._lock:
@@ -300,9 +300,9 @@ class DirectExecutor(Generic[In, Out]):
                     f"{self._in_flight} images in flight, the limit is {self._max_queue}"
                 )
             self._in_flight += count
-        return _DirectReservation(self, count)
+        return DirectReservation(self, count)
 
-    def _take_slot(self, reservation: _DirectReservation[In, Out]) -> None:
+    def _take_slot(self, reservation: DirectReservation[In, Out]) -> None:
         with self._lock:
             if reservation._remaining <= 0:
                 raise RuntimeError("reservation exhausted: reserve one slot per submitted item")
@@ -312,7 +312,7 @@ class DirectExecutor(Generic[In, Out]):
         with self._lock:
             self._in_flight -= count
 
-    def _unreserve(self, reservation: _DirectReservation[In, Out], count: int | None) -> None:
+    def _unreserve(self, reservation: DirectReservation[In, Out], count: int | None) -> None:
         with self._lock:
             held = reservation._remaining
             count = held if count is None else max(0, min(count, held))

@@ -20,12 +20,12 @@ import numpy as np
 
 from app.batcher import (
     BatcherClosedError,
+    BatcherReservation,
     Completed,
     DirectExecutor,
+    DirectReservation,
     MicroBatcher,
     QueueFullError,
-    _BatcherReservation,
-    _DirectReservation,
 )
 from app.cpu_budget import available_cpus
 from app.errors import ApiError
@@ -36,7 +36,7 @@ from app.onnx_model import ModelOutput, OnnxModel
 from app.settings import Settings
 
 Reservation = (
-    _BatcherReservation[np.ndarray, ModelOutput] | _DirectReservation[np.ndarray, ModelOutput]
+    BatcherReservation[np.ndarray, ModelOutput] | DirectReservation[np.ndarray, ModelOutput]
 )
 
 
