@@ -33,6 +33,7 @@ from app.model_card import ModelCard, read_card
 from app.onnx_model import session_options
 from app.preprocessing import preprocess_bytes
 from bench.loadgen import percentiles_ms
+from bench.servers import system_busy_seconds
 
 
 @dataclass
@@ -200,16 +201,20 @@ def measure_ceiling(
     )
     rows = []
     for batch in batch_sizes:
+        busy, own, wall = system_busy_seconds(), time.process_time(), time.perf_counter()
         row = {
             "batch_size": batch,
             "model_only": round(ceiling.model_only(batch, total), 2),
             "sequential": round(ceiling.sequential(batch, total), 2),
             "pipelined": round(ceiling.pipelined(batch, total), 2),
         }
+        other = (system_busy_seconds() - busy) - (time.process_time() - own)
+        row["other_cpu_cores"] = round(max(0.0, other) / (time.perf_counter() - wall), 3)
         rows.append(row)
         log(
             f"  batch {batch:>3}: pipelined {row['pipelined']:8.1f} img/s, sequential "
-            f"{row['sequential']:8.1f}, model only {row['model_only']:8.1f}"
+            f"{row['sequential']:8.1f}, model only {row['model_only']:8.1f} (other processes "
+            f"{row['other_cpu_cores']} cores)"
         )
     best = max(
         (

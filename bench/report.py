@@ -57,6 +57,7 @@ def service_rows(results: dict[str, Any]) -> list[list[str]]:
                     _fmt(level.get("mean_batch_size"), 2),
                     _fmt(level.get("server_cpu_cores"), 2),
                     _fmt(level.get("client_cpu_cores"), 2),
+                    _fmt(level.get("other_cpu_cores"), 2),
                     _ratio(level["throughput"] / ceiling if ceiling else None),
                     "-"
                     if not health
@@ -78,6 +79,7 @@ SERVICE_HEADER = [
     "mean batch",
     "server CPU (cores)",
     "client CPU (cores)",
+    "other CPU (cores)",
     "/ ceiling",
     "/health p50/p99/max ms",
 ]
@@ -133,12 +135,19 @@ def ceiling_rows(results: dict[str, Any]) -> list[list[str]]:
             _fmt(row["pipelined"]),
             _fmt(row["sequential"]),
             _fmt(row["model_only"]),
+            _fmt(row.get("other_cpu_cores"), 2),
         ]
         for row in results["ceiling"]["by_batch_size"]
     ]
 
 
-CEILING_HEADER = ["batch size", "pipelined images/s", "sequential images/s", "model only images/s"]
+CEILING_HEADER = [
+    "batch size",
+    "pipelined images/s",
+    "sequential images/s",
+    "model only images/s",
+    "other CPU (cores)",
+]
 
 
 def target_rows(results: dict[str, Any]) -> list[list[str]]:
@@ -159,12 +168,19 @@ def ratio_lines(results: dict[str, Any]) -> list[str]:
         ("service_off_vs_ceiling", "service (batching off) / ceiling"),
         ("service_on_vs_baseline", "service (batching on) / naive baseline (fastest call)"),
         ("service_off_vs_baseline", "service (batching off) / naive baseline (fastest call)"),
+        (
+            "ceiling_vs_baseline",
+            "ceiling / naive baseline (fastest call): the most any server could",
+        ),
         ("batching_on_vs_off", "batching on / batching off"),
     ):
         per_level = ratios.get(key) or {}
         if per_level:
             cells = ", ".join(f"c={c}: {_ratio(v)}" for c, v in per_level.items())
             lines.append(f"- {label}: {cells}")
+    for call, per_level in (ratios.get("service_on_vs_each_baseline_call") or {}).items():
+        cells = ", ".join(f"c={c}: {_ratio(v)}" for c, v in per_level.items())
+        lines.append(f"- service (batching on) / Keras `{call}`: {cells}")
     single = ratios.get("p50_c1_minus_ceiling_single_ms") or {}
     if single:
         cells = ", ".join(f"{mode}: {_fmt(v, 2)} ms" for mode, v in single.items())

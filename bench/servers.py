@@ -29,6 +29,16 @@ class ServerStartError(RuntimeError):
     """The server exited or did not become ready in time (the message has its log tail)."""
 
 
+def system_busy_seconds() -> float:
+    """CPU-seconds all processes on this machine have spent busy so far (from /proc/stat)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except (OSError, IndexError):
+        return float("nan")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _CLOCK_TICKS
+
+
 @dataclass
 class ServerProcess:
     name: str
@@ -93,6 +103,13 @@ def _get_status(url: str) -> int:
         return 0
 
 
+def free_port(host: str = HOST) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
 def start_server(
     name: str,
     app_factory: str,
@@ -101,18 +118,34 @@ def start_server(
     *,
     ready_path: str = "/ready",
     timeout: float = 180.0,
+    attempts: int = 3,
 ) -> ServerProcess:
     """``python -m uvicorn <app_factory> --factory`` on a free loopback port; waits for ready.
 
-    The port is bound here and the socket handed to uvicorn (``--fd``): probing for a free port
-    and letting the child bind it later races with other processes on a shared machine, and
-    a readiness probe could then even reach someone else's server.
+    uvicorn binds the port itself, as in production. (Handing it a bound socket with ``--fd``
+    would avoid the race below, but uvicorn wraps such a socket as AF_UNIX, so TCP_NODELAY is
+    never set and Nagle's algorithm adds ~40 ms to every response.) A free port can be taken
+    by another process between our probe and uvicorn's bind on a shared machine; that case,
+    and only that one, is retried on a new port.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((HOST, 0))
-    port: int = sock.getsockname()[1]
-    sock.set_inheritable(True)
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_once(name, app_factory, env, log_path, ready_path, timeout)
+        except ServerStartError as exc:
+            if "address already in use" not in str(exc).lower() or attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _start_once(
+    name: str,
+    app_factory: str,
+    env: Mapping[str, str],
+    log_path: Path,
+    ready_path: str,
+    timeout: float,
+) -> ServerProcess:
+    port = free_port()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     command = [
         sys.executable,
@@ -120,8 +153,10 @@ def start_server(
         "uvicorn",
         app_factory,
         "--factory",
-        "--fd",
-        str(sock.fileno()),
+        "--host",
+        HOST,
+        "--port",
+        str(port),
         "--workers",
         "1",
         "--no-access-log",  # the service writes its own JSON access line per request
@@ -130,18 +165,10 @@ def start_server(
     ]
     full_env = {**os.environ, **env}
     started = time.perf_counter()
-    try:
-        with log_path.open("wb") as log:
-            process = subprocess.Popen(
-                command,
-                cwd=REPO,
-                env=full_env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                pass_fds=(sock.fileno(),),
-            )
-    finally:
-        sock.close()  # the child holds its own copy
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            command, cwd=REPO, env=full_env, stdout=log, stderr=subprocess.STDOUT
+        )
     server = ServerProcess(name, process, port, log_path)
     url = f"http://{HOST}:{port}{ready_path}"
     try:
@@ -151,7 +178,10 @@ def start_server(
                     f"{name} exited with {process.returncode} before ready:\n{server.log_tail()}"
                 )
             if _get_status(url) == 200:
-                break
+                time.sleep(0.3)  # a bind failure exits at once: make sure the 200 was ours
+                if process.poll() is None:
+                    break
+                continue
             if time.perf_counter() - started > timeout:
                 raise ServerStartError(
                     f"{name} not ready after {timeout:.0f} s:\n{server.log_tail()}"

@@ -44,7 +44,7 @@ from bench import loadgen
 from bench.ceiling import measure_ceiling, recheck_best
 from bench.images import BenchImage, get_request, multipart_body, post_request, select_images
 from bench.report import text_report, write_markdown, write_plot
-from bench.servers import HOST, ServerProcess, running_server
+from bench.servers import HOST, ServerProcess, running_server, system_busy_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = REPO / "models" / "ballscrew-pitting"
@@ -112,8 +112,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="development dataset (manifest.csv) the 64-image mix is drawn from",
     )
     add("--levels", type=_ints, default=[1, 8, 32, 64], help="service concurrency levels")
-    add("--requests", type=int, default=1024, help="measured requests per service level (c>1)")
-    add("--requests-c1", type=int, default=256, help="measured requests at concurrency 1")
+    add("--requests", type=int, default=2048, help="measured requests per service level (c>1)")
+    add("--requests-c1", type=int, default=512, help="measured requests at concurrency 1")
     add("--max-seconds", type=float, default=30.0, help="time cap per level (s)")
     add(
         "--warmup",
@@ -171,7 +171,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=[1, 32],
         help="levels for the slow model.predict style",
     )
-    add("--baseline-requests", type=int, default=192, help="measured requests per baseline level")
+    add("--baseline-requests", type=int, default=384, help="measured requests per baseline level")
     add("--baseline-max-seconds", type=float, default=20.0, help="time cap per baseline level")
     add("--json", type=Path, default=DEFAULT_JSON, help="results file")
     add(
@@ -303,7 +303,7 @@ def snapshotter(
     raw = get_request("/metrics", HOST, server.port)
 
     async def snapshot() -> dict[str, float]:
-        values = {"cpu_s": server.cpu_seconds()}
+        values = {"cpu_s": server.cpu_seconds(), "system_busy_s": system_busy_seconds()}
         if metrics:
             status, body = await loadgen.fetch(HOST, server.port, raw)
             if status == 200:
@@ -353,6 +353,7 @@ def drive_levels(
     health_interval_s: float,
     metrics: bool,
     log: Callable[[str], None],
+    warmup_per_client: int = 2,
 ) -> list[dict[str, Any]]:
     results = []
     health_request = get_request("/health", HOST, server.port)
@@ -366,7 +367,7 @@ def drive_levels(
                 concurrency=c,
                 total=counts(c),
                 max_seconds=max_seconds,
-                warmup=max(warmup, 2 * c),
+                warmup=max(warmup, warmup_per_client * c),
                 health_request=health_request if c == health_at else None,
                 health_interval=health_interval_s,
                 snapshot=snapshot,
@@ -376,13 +377,19 @@ def drive_levels(
         after = level.extra.pop("snapshot_after")
         record = level.as_dict()
         server_cpu = after["cpu_s"] - before["cpu_s"]
-        record["warmup_requests"] = max(warmup, 2 * concurrency)
+        record["warmup_requests"] = max(warmup, warmup_per_client * concurrency)
         record["server_cpu_s"] = round(server_cpu, 3)
         record["server_cpu_cores"] = round(server_cpu / level.wall_s, 3)
         record["server_cpu_ms_per_image"] = (
             round(1000 * server_cpu / level.completed, 3) if level.completed else None
         )
         record["client_cpu_cores"] = round(level.client_cpu_s / level.wall_s, 3)
+        # Everything else that ran on the machine meanwhile (other users' jobs, the kernel):
+        # the noise the figures carry.
+        busy = after["system_busy_s"] - before["system_busy_s"]
+        record["other_cpu_cores"] = round(
+            max(0.0, busy - server_cpu - level.client_cpu_s) / level.wall_s, 3
+        )
         record.update(batch_stats(before, after))
         record["server_process"] = server.status()
         results.append(record)
@@ -390,7 +397,8 @@ def drive_levels(
             f"  c={concurrency:>3}: {level.throughput:8.1f} img/s  p50 "
             f"{record['latency_ms']['p50']} ms  p99 {record['latency_ms']['p99']} ms  errors "
             f"{level.errors} {record['statuses']}  batch {record.get('mean_batch_size', '-')}  "
-            f"CPU server {record['server_cpu_cores']} client {record['client_cpu_cores']}"
+            f"CPU server {record['server_cpu_cores']} client {record['client_cpu_cores']} "
+            f"other {record['other_cpu_cores']}"
             + (f"  /health p99 {level.health['p99']} ms" if level.health else "")
         )
     return results
@@ -505,6 +513,7 @@ def run_baseline(
                 health_interval_s=1.0,
                 metrics=False,
                 log=log,
+                warmup_per_client=1,
             )
             calls[call] = {"levels": levels}
         fastest = args.baseline_calls[0]
@@ -576,6 +585,20 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, Any]:
             if c in baseline
         },
         "baseline_fastest_call": {c: v["call"] for c, v in baseline.items()},
+        # What any server on this model could reach against the baseline at best.
+        "ceiling_vs_baseline": {
+            c: ratio(ceiling_value, v["throughput"]) for c, v in baseline.items()
+        },
+        "service_on_vs_each_baseline_call": {
+            call: {
+                level["concurrency"]: ratio(
+                    on[level["concurrency"]]["throughput"], level["throughput"]
+                )
+                for level in data["levels"]
+                if level["concurrency"] in on
+            }
+            for call, data in results.get("baseline", {}).get("calls", {}).items()
+        },
         "batching_on_vs_off": {
             c: ratio(v["throughput"], off[c]["throughput"]) for c, v in on.items() if c in off
         },
