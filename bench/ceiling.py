@@ -65,10 +65,18 @@ def load_ceiling_model(model_dir: Path, threads: int, spinning: bool = False) ->
     )
 
 
-def _timed(function: Callable[[], int]) -> tuple[float, int]:
+@dataclass(frozen=True)
+class Rate:
+    images_per_s: float
+    cpu_ms_per_image: float  # this process, all threads
+
+
+def _timed(function: Callable[[], int]) -> Rate:
     started = time.perf_counter()
+    cpu = time.process_time()
     count = function()
-    return time.perf_counter() - started, count
+    seconds = time.perf_counter() - started
+    return Rate(count / seconds, 1000 * (time.process_time() - cpu) / max(count, 1))
 
 
 class Ceiling:
@@ -94,7 +102,7 @@ class Ceiling:
             for _ in range(3):
                 self.model.run(self.buffer[:size])
 
-    def sequential(self, batch: int, total: int) -> float:
+    def sequential(self, batch: int, total: int) -> Rate:
         """One thread: decode ``batch`` images into the buffer, run, repeat. Images/s."""
         buffer = self.buffer
 
@@ -108,10 +116,9 @@ class Ceiling:
                 done += size
             return done
 
-        seconds, count = _timed(loop)
-        return count / seconds
+        return _timed(loop)
 
-    def pipelined(self, batch: int, total: int) -> float:
+    def pipelined(self, batch: int, total: int) -> Rate:
         """``decode_threads`` workers decode ahead while this thread runs the model. Images/s."""
         buffer = self.buffer
         window = 2 * batch + self.decode_threads  # decoded-ahead images kept in memory
@@ -138,10 +145,9 @@ class Ceiling:
                     done += size
             return done
 
-        seconds, count = _timed(loop)
-        return count / seconds
+        return _timed(loop)
 
-    def model_only(self, batch: int, total: int) -> float:
+    def model_only(self, batch: int, total: int) -> Rate:
         """onnxruntime alone on already-decoded tensors (what batching can buy the model)."""
         tensors = [self.decode(i) for i in range(min(len(self.images), batch))]
         for slot in range(batch):
@@ -153,8 +159,7 @@ class Ceiling:
                 self.model.run(self.buffer[:batch])
             return runs * batch
 
-        seconds, count = _timed(loop)
-        return count / seconds
+        return _timed(loop)
 
     def single_image_latency(self, total: int) -> dict[str, Any]:
         """Decode + preprocess + one run per image, one at a time: the per-request floor."""
@@ -202,11 +207,17 @@ def measure_ceiling(
     rows = []
     for batch in batch_sizes:
         busy, own, wall = system_busy_seconds(), time.process_time(), time.perf_counter()
+        model_only = ceiling.model_only(batch, total)
+        sequential = ceiling.sequential(batch, total)
+        pipelined = ceiling.pipelined(batch, total)
         row = {
             "batch_size": batch,
-            "model_only": round(ceiling.model_only(batch, total), 2),
-            "sequential": round(ceiling.sequential(batch, total), 2),
-            "pipelined": round(ceiling.pipelined(batch, total), 2),
+            "model_only": round(model_only.images_per_s, 2),
+            "sequential": round(sequential.images_per_s, 2),
+            "pipelined": round(pipelined.images_per_s, 2),
+            "model_only_cpu_ms_per_image": round(model_only.cpu_ms_per_image, 3),
+            "sequential_cpu_ms_per_image": round(sequential.cpu_ms_per_image, 3),
+            "pipelined_cpu_ms_per_image": round(pipelined.cpu_ms_per_image, 3),
         }
         other = (system_busy_seconds() - busy) - (time.process_time() - own)
         row["other_cpu_cores"] = round(max(0.0, other) / (time.perf_counter() - wall), 3)
@@ -218,7 +229,12 @@ def measure_ceiling(
         )
     best = max(
         (
-            {"schedule": schedule, "batch_size": row["batch_size"], "throughput": row[schedule]}
+            {
+                "schedule": schedule,
+                "batch_size": row["batch_size"],
+                "throughput": row[schedule],
+                "cpu_ms_per_image": row[f"{schedule}_cpu_ms_per_image"],
+            }
             for row in rows
             for schedule in ("pipelined", "sequential")
         ),
@@ -250,5 +266,5 @@ def recheck_best(
     ceiling = Ceiling(model, images, decode_threads, batch)
     ceiling.warm_up([batch])
     if best["schedule"] == "pipelined":
-        return round(ceiling.pipelined(batch, total), 2)
-    return round(ceiling.sequential(batch, total), 2)
+        return round(ceiling.pipelined(batch, total).images_per_s, 2)
+    return round(ceiling.sequential(batch, total).images_per_s, 2)

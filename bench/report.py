@@ -56,6 +56,7 @@ def service_rows(results: dict[str, Any]) -> list[list[str]]:
                     level["errors"],
                     _fmt(level.get("mean_batch_size"), 2),
                     _fmt(level.get("server_cpu_cores"), 2),
+                    _fmt(level.get("server_cpu_ms_per_image"), 2),
                     _fmt(level.get("client_cpu_cores"), 2),
                     _fmt(level.get("other_cpu_cores"), 2),
                     _ratio(level["throughput"] / ceiling if ceiling else None),
@@ -78,6 +79,7 @@ SERVICE_HEADER = [
     "errors",
     "mean batch",
     "server CPU (cores)",
+    "server CPU ms/image",
     "client CPU (cores)",
     "other CPU (cores)",
     "/ ceiling",
@@ -135,6 +137,8 @@ def ceiling_rows(results: dict[str, Any]) -> list[list[str]]:
             _fmt(row["pipelined"]),
             _fmt(row["sequential"]),
             _fmt(row["model_only"]),
+            _fmt(row.get("pipelined_cpu_ms_per_image"), 2),
+            _fmt(row.get("model_only_cpu_ms_per_image"), 2),
             _fmt(row.get("other_cpu_cores"), 2),
         ]
         for row in results["ceiling"]["by_batch_size"]
@@ -146,6 +150,8 @@ CEILING_HEADER = [
     "pipelined images/s",
     "sequential images/s",
     "model only images/s",
+    "pipelined CPU ms/image",
+    "model only CPU ms/image",
     "other CPU (cores)",
 ]
 
@@ -178,6 +184,10 @@ def ratio_lines(results: dict[str, Any]) -> list[str]:
         if per_level:
             cells = ", ".join(f"c={c}: {_ratio(v)}" for c, v in per_level.items())
             lines.append(f"- {label}: {cells}")
+    cpu = ratios.get("cpu_ms_per_image") or {}
+    if cpu:
+        cells = ", ".join(f"{name}: {_fmt(v, 2)} ms" for name, v in cpu.items())
+        lines.append(f"- CPU per image (all threads of the process): {cells}")
     for call, per_level in (ratios.get("service_on_vs_each_baseline_call") or {}).items():
         cells = ", ".join(f"c={c}: {_ratio(v)}" for c, v in per_level.items())
         lines.append(f"- service (batching on) / Keras `{call}`: {cells}")

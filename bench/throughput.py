@@ -603,6 +603,15 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, Any]:
             c: ratio(v["throughput"], off[c]["throughput"]) for c, v in on.items() if c in off
         },
         "p50_c1_minus_ceiling_single_ms": p50_gap,
+        "cpu_ms_per_image": {
+            "ceiling (best)": ceiling["best"].get("cpu_ms_per_image"),
+            **{
+                f"service {name} c={c}": levels[c].get("server_cpu_ms_per_image")
+                for name, levels in (("on", on), ("off", off))
+                for c in levels
+                if c == TARGET_LEVEL
+            },
+        },
     }
 
 
