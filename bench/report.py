@@ -321,6 +321,7 @@ def write_markdown(results: dict[str, Any], path: Path, plot: Path | None) -> No
 def write_plot(results: dict[str, Any], path: Path) -> None:
     """Throughput and latency against concurrency: service on/off, baseline, ceiling."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -387,6 +388,8 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
     left.set_ylim(bottom=0)
     left.set_title("Throughput")
     right.set_yscale("log")
+    right.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    right.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     right.set_ylabel("latency, ms (log)")
     right.set_title("Latency")
     left.legend(fontsize=8, loc="center right")
