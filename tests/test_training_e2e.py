@@ -113,12 +113,45 @@ def test_train_export_on_real_subset(tmp_path: Path) -> None:
     for fold in report["cross_validation"]["folds"]:
         assert not set(fold["test_groups"]) & set(fold["validation_groups"])
 
-    # Re-export from the checkpoint gives the same predictions.
+    # A separate grouped CV run, merged into the card by a re-export from the checkpoint; the
+    # re-exported graph gives the same predictions.
+    cv_dir = out / "cv"
+    assert (
+        main(
+            [
+                "evaluate",
+                "--data",
+                str(DATA),
+                "--out",
+                str(cv_dir),
+                "--group-column",
+                "location",
+                "--cv-folds",
+                "2",
+                "--epochs",
+                "1",
+                "--limit-per-class",
+                "30",
+                "--quiet",
+                "--width",
+                str(spec.width),
+                "--height",
+                str(spec.height),
+            ]
+        )
+        == 0
+    )
     before = card["golden_samples"]
-    assert main(["export", "--model-dir", str(out)]) == 0
-    after = json.loads((out / "model_card.json").read_text())["golden_samples"]
-    for a, b in zip(before, after, strict=True):
+    assert (
+        main(["export", "--model-dir", str(out), "--cv-report", str(cv_dir / "report.json")]) == 0
+    )
+    merged = _check_model_dir(out, spec)
+    assert merged["metrics"]["cross_validation"]["report"] == "cv/report.json"
+    for a, b in zip(before, merged["golden_samples"], strict=True):
         np.testing.assert_allclose(a["probabilities"], b["probabilities"], atol=1e-5)
+    report = json.loads((out / "report.json").read_text())
+    assert report["export"]["onnx"]["sha256"] == merged["onnx"]["sha256"]
+    assert (out / report["cross_validation"]["plots"]["roc"]).is_file()
 
 
 def _synthetic_grayscale_product(root: Path, n: int = 24) -> None:

@@ -92,7 +92,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
         "--epochs", type=int, default=40, help="maximum epochs (early stopping on validation loss)"
     )
     t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--learning-rate", type=float, default=1e-3)
+    t.add_argument("--learning-rate", type=float, default=2e-3)
     t.add_argument("--patience", type=int, default=8, help="early-stopping patience in epochs")
     t.add_argument("--filters", default="8,16,32,64,96", help="filters of the 5 conv blocks")
     t.add_argument(
@@ -144,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--cv-folds", type=int, default=5)
     export = sub.add_parser("export", help="re-export ONNX + card from a 'train' output folder")
     export.add_argument("--model-dir", type=Path, required=True, help="a folder written by 'train'")
+    export.add_argument(
+        "--cv-report",
+        type=Path,
+        help="report.json of an 'evaluate' run (inside the model folder) to add to the card",
+    )
     return parser
 
 

@@ -188,10 +188,26 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _merge_cv(out: Path, state: dict[str, Any], cv_report: Path) -> None:
+    """Put an ``evaluate`` run's cross-validation figures into the state, card and report."""
+    cv = json.loads(cv_report.read_text())["cross_validation"]
+    prefix = cv_report.parent.resolve().relative_to(out.resolve()).as_posix() + "/"
+    cv["plots"] = {k: prefix + v for k, v in cv["plots"].items()}
+    state["metrics"] = _headline(cv, {"validation": state["metrics"]["final_validation"]})
+    state["metrics"]["cross_validation"]["report"] = prefix + REPORT_FILE
+    report_path = out / REPORT_FILE
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    report["cross_validation"] = cv
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def export(args: argparse.Namespace) -> dict[str, Any]:
-    """Rebuild ONNX + card from ``checkpoint/`` (e.g. after a tf2onnx upgrade)."""
+    """Rebuild ONNX + card from ``checkpoint/`` (after a tf2onnx upgrade, or to add CV figures)."""
     out: Path = args.model_dir
     state = json.loads((out / CHECKPOINT_DIR / STATE_FILE).read_text())
+    if args.cv_report is not None:
+        _merge_cv(out, state, args.cv_report)
+        (out / CHECKPOINT_DIR / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
     cfg = state["config"]
     spec = InputSpec(**cfg["input"])
     config = RunConfig(
@@ -233,4 +249,11 @@ def export(args: argparse.Namespace) -> dict[str, Any]:
         out_dir=out,
         data_root=root,
     )
+    report_path = out / REPORT_FILE
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    report["export"] = {
+        "onnx": card["onnx"],
+        "parity_max_abs_diff": card["metrics"]["parity_max_abs_diff"],
+    }
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
     return {"model": str(out / "model.onnx"), "sha256": card["onnx"]["sha256"]}

@@ -20,9 +20,9 @@ log = logging.getLogger(__name__)
 class FitConfig:
     epochs: int = 40
     batch_size: int = 32
-    learning_rate: float = 1e-3
+    learning_rate: float = 2e-3
     patience: int = 8
-    label_smoothing: float = 0.05
+    label_smoothing: float = 0.0
     seed: int = 42
     augment: bool = True
     ema: bool = True
