@@ -86,7 +86,8 @@ async def test_concurrent_requests_get_their_own_results(
         results = await asyncio.gather(*(send(image) for image in order))
     batch_sizes = []
     for name, body in results:
-        assert body["probabilities"] == pytest.approx(baseline[name], abs=1e-6), name
+        # Batch-mates share a run; mixing up results would differ by far more than this.
+        assert body["probabilities"] == pytest.approx(baseline[name], abs=1e-5), name
         batch_sizes.append(body["timing"]["batch_size"])
     assert max(batch_sizes) > 1  # concurrent requests were coalesced
 

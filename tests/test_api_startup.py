@@ -105,14 +105,21 @@ def test_card_from_another_export(model_copy: Path) -> None:
     assert "different exports" in (loaded(model_copy).failure or "")
 
 
-def _shift_first_golden(card: dict[str, Any], by: float) -> None:
-    probabilities = card["golden_samples"][0]["probabilities"]
-    probabilities[0] -= by
-    probabilities[1] += by
+def _shift_first_golden(card: dict[str, Any], times_tolerance: float) -> None:
+    """Move the first golden sample's expected probabilities by a multiple of its tolerance."""
+    sample = card["golden_samples"][0]
+    by = times_tolerance * sample.get("tolerance", 1e-4)
+    sample["probabilities"][0] -= by
+    sample["probabilities"][1] += by
+
+
+def _first_tolerance(model_dir: Path) -> float:
+    card = json.loads((model_dir / "model_card.json").read_text())
+    return float(card["golden_samples"][0].get("tolerance", 1e-4))
 
 
 def test_golden_output_mismatch_blames_the_model_when_inputs_agree(model_copy: Path) -> None:
-    edit_card(model_copy, lambda card: _shift_first_golden(card, 1e-3))
+    edit_card(model_copy, lambda card: _shift_first_golden(card, 10))
     failure = loaded(model_copy).failure or ""
     assert "golden sample" in failure
     assert "preprocessed input is identical" in failure
@@ -122,7 +129,7 @@ def test_golden_mismatch_blames_preprocessing_when_the_input_hash_differs(
     model_copy: Path,
 ) -> None:
     def tamper(card: dict[str, Any]) -> None:
-        _shift_first_golden(card, 1e-3)
+        _shift_first_golden(card, 10)
         card["golden_samples"][0]["input_sha256"] = "f" * 64
 
     edit_card(model_copy, tamper)
@@ -137,8 +144,9 @@ def test_golden_file_changed_on_disk(model_copy: Path) -> None:
 
 
 def test_golden_tolerance_can_be_widened(model_copy: Path) -> None:
-    edit_card(model_copy, lambda card: _shift_first_golden(card, 1e-3))
-    assert loaded(model_copy, golden_tolerance=1e-2).failure is None
+    tolerance = _first_tolerance(model_copy)
+    edit_card(model_copy, lambda card: _shift_first_golden(card, 10))
+    assert loaded(model_copy, golden_tolerance=100 * tolerance).failure is None
 
 
 def test_required_cuda_that_is_not_active_is_not_ready(shipped_model_dir: Path) -> None:
