@@ -38,7 +38,7 @@ from app.preprocessing import preprocess_bytes
 from app.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_IMAGE = REPO / "tests" / "fixtures" / "defect_437500_315.jpg"
+DEFAULT_IMAGE = REPO / "tests" / "fixtures" / "defect_305000_090.jpg"
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -321,7 +321,10 @@ async def test_batch_gives_each_item_its_own_result_or_error(
         assert item["filename"] == image.path.name
         assert item["prediction"]["label"] == image.label
         single = (await client.post("/predict", files=file_part(image.data))).json()
-        assert item["prediction"]["probabilities"] == pytest.approx(single["probabilities"])
+        # Same image, run in a batch vs alone: equal up to float rounding of the batched kernels.
+        assert item["prediction"]["probabilities"] == pytest.approx(
+            single["probabilities"], abs=1e-5
+        )
 
 
 async def test_batch_items_share_model_runs(
