@@ -6,9 +6,11 @@ hardware allows with the service's own resources:
 * the same ONNX file, the same ``SessionOptions`` (``app.onnx_model.session_options``) and the
   same intra-op thread count as the service;
 * the same decoding and preprocessing code (``app.preprocessing.preprocess_bytes``);
-* two schedules, and the best one counts: *sequential* (one thread decodes a batch, then runs
-  it) and *pipelined* (``decode_threads`` workers decode ahead while the model runs, which is
-  what the service's micro-batcher does), at every batch size asked for;
+* three schedules, and the best one counts: *sequential* (one thread decodes a batch, then runs
+  it), *pipelined* (``decode_threads`` workers decode ahead while one thread runs the model:
+  what the service's micro-batcher does) and *parallel* (``decode_threads`` threads each decode
+  and run their own batches on the shared session at once: what the service does with batching
+  off), at every batch size asked for;
 * batches are written into one preallocated input buffer (no per-batch allocation).
 
 It also reports the model alone on pre-decoded tensors (images/s per batch size) and the
@@ -63,6 +65,9 @@ def load_ceiling_model(model_dir: Path, threads: int, spinning: bool = False) ->
         [card.outputs.probabilities.name, card.outputs.heatmap.name],
         threads,
     )
+
+
+SCHEDULES = ("pipelined", "parallel", "sequential")
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,29 @@ class Ceiling:
 
         return _timed(loop)
 
+    def parallel(self, batch: int, total: int) -> Rate:
+        """``decode_threads`` threads, each decoding and running its own batches on the shared
+        session at the same time (what the service does with batching off). Images/s."""
+        workers = self.decode_threads
+        shape = self.buffer.shape[1:]
+        buffers = [np.empty((batch, *shape), dtype=np.float32) for _ in range(workers)]
+
+        def work(worker: int) -> int:
+            buffer = buffers[worker]
+            indexes = list(range(worker, total, workers))
+            for start in range(0, len(indexes), batch):
+                chunk = indexes[start : start + batch]
+                for slot, index in enumerate(chunk):
+                    buffer[slot] = self.decode(index)
+                self.model.run(buffer[: len(chunk)])
+            return len(indexes)
+
+        def loop() -> int:
+            with ThreadPoolExecutor(workers, thread_name_prefix="worker") as pool:
+                return sum(pool.map(work, range(workers)))
+
+        return _timed(loop)
+
     def model_only(self, batch: int, total: int) -> Rate:
         """onnxruntime alone on already-decoded tensors (what batching can buy the model)."""
         tensors = [self.decode(i) for i in range(min(len(self.images), batch))]
@@ -204,42 +232,43 @@ def measure_ceiling(
         f"(decode+preprocess {latency['decode_preprocess_ms']['p50']} ms, "
         f"onnxruntime {latency['onnxruntime_ms']['p50']} ms)"
     )
-    rows = []
+    rows: list[dict[str, float]] = []
     for batch in batch_sizes:
         busy, own, wall = system_busy_seconds(), time.process_time(), time.perf_counter()
         model_only = ceiling.model_only(batch, total)
         sequential = ceiling.sequential(batch, total)
         pipelined = ceiling.pipelined(batch, total)
-        row = {
+        parallel = ceiling.parallel(batch, total)
+        row: dict[str, float] = {
             "batch_size": batch,
             "model_only": round(model_only.images_per_s, 2),
             "sequential": round(sequential.images_per_s, 2),
             "pipelined": round(pipelined.images_per_s, 2),
+            "parallel": round(parallel.images_per_s, 2),
             "model_only_cpu_ms_per_image": round(model_only.cpu_ms_per_image, 3),
             "sequential_cpu_ms_per_image": round(sequential.cpu_ms_per_image, 3),
             "pipelined_cpu_ms_per_image": round(pipelined.cpu_ms_per_image, 3),
+            "parallel_cpu_ms_per_image": round(parallel.cpu_ms_per_image, 3),
         }
         other = (system_busy_seconds() - busy) - (time.process_time() - own)
         row["other_cpu_cores"] = round(max(0.0, other) / (time.perf_counter() - wall), 3)
         rows.append(row)
         log(
-            f"  batch {batch:>3}: pipelined {row['pipelined']:8.1f} img/s, sequential "
+            f"  batch {batch:>3}: pipelined {row['pipelined']:8.1f} img/s, parallel "
+            f"{row['parallel']:8.1f}, sequential "
             f"{row['sequential']:8.1f}, model only {row['model_only']:8.1f} (other processes "
             f"{row['other_cpu_cores']} cores)"
         )
-    best = max(
-        (
-            {
-                "schedule": schedule,
-                "batch_size": row["batch_size"],
-                "throughput": row[schedule],
-                "cpu_ms_per_image": row[f"{schedule}_cpu_ms_per_image"],
-            }
-            for row in rows
-            for schedule in ("pipelined", "sequential")
-        ),
-        key=lambda item: float(item["throughput"]),
+    best_row, best_schedule = max(
+        ((row, schedule) for row in rows for schedule in SCHEDULES),
+        key=lambda pair: pair[0][pair[1]],
     )
+    best: dict[str, Any] = {
+        "schedule": best_schedule,
+        "batch_size": int(best_row["batch_size"]),
+        "throughput": best_row[best_schedule],
+        "cpu_ms_per_image": best_row[f"{best_schedule}_cpu_ms_per_image"],
+    }
     return {
         "threads": threads,
         "decode_threads": decode_threads,
@@ -265,6 +294,6 @@ def recheck_best(
     batch = int(best["batch_size"])
     ceiling = Ceiling(model, images, decode_threads, batch)
     ceiling.warm_up([batch])
-    if best["schedule"] == "pipelined":
-        return round(ceiling.pipelined(batch, total).images_per_s, 2)
-    return round(ceiling.sequential(batch, total).images_per_s, 2)
+    schedule = getattr(ceiling, str(best["schedule"]))
+    rate: Rate = schedule(batch, total)
+    return round(rate.images_per_s, 2)

@@ -135,9 +135,11 @@ def ceiling_rows(results: dict[str, Any]) -> list[list[str]]:
         [
             row["batch_size"],
             _fmt(row["pipelined"]),
+            _fmt(row.get("parallel")),
             _fmt(row["sequential"]),
             _fmt(row["model_only"]),
             _fmt(row.get("pipelined_cpu_ms_per_image"), 2),
+            _fmt(row.get("parallel_cpu_ms_per_image"), 2),
             _fmt(row.get("model_only_cpu_ms_per_image"), 2),
             _fmt(row.get("other_cpu_cores"), 2),
         ]
@@ -148,9 +150,11 @@ def ceiling_rows(results: dict[str, Any]) -> list[list[str]]:
 CEILING_HEADER = [
     "batch size",
     "pipelined images/s",
+    "parallel images/s",
     "sequential images/s",
     "model only images/s",
     "pipelined CPU ms/image",
+    "parallel CPU ms/image",
     "model only CPU ms/image",
     "other CPU (cores)",
 ]

@@ -114,7 +114,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add("--levels", type=_ints, default=[1, 8, 32, 64], help="service concurrency levels")
     add("--requests", type=int, default=2048, help="measured requests per service level (c>1)")
     add("--requests-c1", type=int, default=512, help="measured requests at concurrency 1")
-    add("--max-seconds", type=float, default=30.0, help="time cap per level (s)")
+    add("--max-seconds", type=float, default=20.0, help="time cap per level (s)")
     add(
         "--warmup",
         type=int,
@@ -150,7 +150,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="/health sampling period during the heaviest level",
     )
     add("--batch-sizes", type=_ints, default=[1, 2, 4, 8, 16], help="ceiling batch sizes")
-    add("--ceiling-images", type=int, default=512, help="images per ceiling measurement")
+    add("--ceiling-images", type=int, default=256, help="images per ceiling measurement")
     add("--latency-images", type=int, default=128, help="images for single-image latency")
     add("--skip-baseline", action="store_true", help="do not run the naive Keras baseline")
     add(
