@@ -5,8 +5,9 @@ Design (measured on a 2-core CPU, where decoding costs as much as the model):
 * Admission first. A request *reserves* its slots before it decodes anything, so an overloaded
   service refuses work (503 + Retry-After) before spending CPU on it, and the bound covers
   everything admitted and not yet running, not just the queue proper.
-* One worker thread owns the model. Requests decode in their own threads (Pillow and onnxruntime
-  both release the GIL) and hand tensors to the worker, so decoding and inference overlap.
+* Worker threads own the model runs (one per parallel run; on a CPU, several single-threaded
+  runs side by side beat one multi-threaded run). Requests decode in their own threads (Pillow
+  and onnxruntime both release the GIL) and hand tensors over, so decoding and inference overlap.
 * Wait only when it can pay. The worker waits up to ``max_wait`` for batch-mates only while some
   reserved request is still decoding; a lone request runs at once, so batching costs nothing at
   concurrency 1.
@@ -88,7 +89,7 @@ class BatcherReservation(Generic[In, Out]):
 
 
 class MicroBatcher(Generic[In, Out]):
-    """Runs ``run_batch(items) -> outputs`` (same length, same order) on one worker thread."""
+    """Runs ``run_batch(items) -> outputs`` (same length, same order) on worker threads."""
 
     def __init__(
         self,
@@ -98,10 +99,11 @@ class MicroBatcher(Generic[In, Out]):
         max_wait_s: float,
         max_queue: int,
         observer: BatchObserver | None = None,
+        workers: int = 1,
         name: str = "micro-batcher",
     ) -> None:
-        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0:
-            raise ValueError("max_batch_size and max_queue must be >= 1, max_wait_s >= 0")
+        if max_batch_size < 1 or max_queue < 1 or max_wait_s < 0 or workers < 1:
+            raise ValueError("max_batch_size, max_queue and workers must be >= 1, max_wait_s >= 0")
         self._run_batch = run_batch
         self._max_batch = max_batch_size
         self._max_wait = max_wait_s
@@ -110,9 +112,14 @@ class MicroBatcher(Generic[In, Out]):
         self._queue: deque[_Item[In, Out]] = deque()
         self._expected = 0  # reserved slots not yet submitted (their images are decoding)
         self._closed = False
+        self._collecting = False  # a worker is forming a batch
         self._condition = threading.Condition(threading.Lock())
-        self._thread = threading.Thread(target=self._work, name=name, daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"{name}-{index}", daemon=True)
+            for index in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     @property
     def pending(self) -> int:
@@ -141,7 +148,7 @@ class MicroBatcher(Generic[In, Out]):
             if count:
                 reservation._remaining -= count
                 self._expected -= count
-                self._condition.notify()  # the worker may stop waiting for batch-mates
+                self._condition.notify_all()  # a collecting worker may stop waiting
 
     def _enqueue(
         self, payload: In, reservation: BatcherReservation[In, Out]
@@ -156,7 +163,7 @@ class MicroBatcher(Generic[In, Out]):
                 future.set_exception(BatcherClosedError("the service is shutting down"))
                 return future
             self._queue.append(_Item(payload, future, time.perf_counter()))
-            self._condition.notify()
+            self._condition.notify_all()  # wake the collecting worker, not only an idle one
         return future
 
     def close(self, timeout: float = 10.0) -> None:
@@ -164,25 +171,34 @@ class MicroBatcher(Generic[In, Out]):
         with self._condition:
             self._closed = True
             self._condition.notify_all()
-        if self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def _take_batch(self) -> list[_Item[In, Out]] | None:
         with self._condition:
-            while not self._queue:
-                if self._closed:
+            # One worker collects a batch at a time; the others wait their turn instead of
+            # splitting it (they still run side by side once their batches are formed).
+            while not self._queue or self._collecting:
+                if self._closed and not self._queue:
                     return None
                 self._condition.wait()
-            batch = [self._queue.popleft()]
-            deadline = batch[0].enqueued + self._max_wait
-            while len(batch) < self._max_batch:
-                if self._queue:
-                    batch.append(self._queue.popleft())
-                    continue
-                remaining = deadline - time.perf_counter()
-                if self._expected == 0 or remaining <= 0 or self._closed:
-                    break
-                self._condition.wait(remaining)
+            self._collecting = True
+            try:
+                batch = [self._queue.popleft()]
+                deadline = batch[0].enqueued + self._max_wait
+                while len(batch) < self._max_batch:
+                    if self._queue:
+                        batch.append(self._queue.popleft())
+                        continue
+                    remaining = deadline - time.perf_counter()
+                    if self._expected == 0 or remaining <= 0 or self._closed:
+                        break
+                    self._condition.wait(remaining)
+            finally:
+                self._collecting = False
+                self._condition.notify_all()  # the next worker may start collecting
             return batch
 
     def _work(self) -> None:

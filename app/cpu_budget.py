@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -103,3 +104,32 @@ def available_cpus(root: Path = CGROUP_ROOT, proc_self_cgroup: Path = PROC_SELF_
     if quota is not None:
         cpus = min(cpus, math.ceil(quota))
     return max(1, cpus)
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadPlan:
+    """How the CPU budget is split: parallel model runs x threads inside each run."""
+
+    inference_workers: int
+    intra_op_threads: int
+
+
+def plan_threads(cpus: int, *, workers: int, intra_op_threads: int, gpu: bool) -> ThreadPlan:
+    """Defaults for the settings left at 0 (auto), so that workers x intra-op threads = CPUs.
+
+    On a CPU, independent model runs side by side scale better than more threads inside one
+    run (every operator ends in a barrier where threads wait for each other, and a descheduled
+    thread stalls the whole run), so the default is one single-threaded run per CPU. On a GPU
+    one worker feeds the device and the intra-op threads serve the few operators left on the CPU.
+    """
+    cpus = max(1, cpus)
+    if workers <= 0:
+        if gpu:
+            workers = 1
+        elif intra_op_threads > 0:
+            workers = max(1, cpus // intra_op_threads)
+        else:
+            workers = cpus
+    if intra_op_threads <= 0:
+        intra_op_threads = cpus if gpu else max(1, cpus // workers)
+    return ThreadPlan(inference_workers=workers, intra_op_threads=intra_op_threads)

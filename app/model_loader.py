@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ import onnxruntime as ort
 import PIL
 import PIL.Image
 
-from app.cpu_budget import available_cpus
+from app.cpu_budget import ThreadPlan, available_cpus, plan_threads
 from app.inputs import prepare_image
 from app.model_card import CardError, ModelCard, read_card
 from app.onnx_model import CUDA, OnnxModel, requested_providers, session_options
@@ -51,8 +52,20 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def resolve_thread_plan(settings: Settings) -> ThreadPlan:
+    """Workers x intra-op threads for these settings on this machine (see ``plan_threads``)."""
+    gpu = requested_providers(settings.provider, ort.get_available_providers())[0] == CUDA
+    return plan_threads(
+        available_cpus(),
+        workers=settings.inference_workers,
+        intra_op_threads=settings.intra_op_threads,
+        gpu=gpu,
+    )
+
+
 def resolve_threads(settings: Settings) -> int:
-    return settings.intra_op_threads or available_cpus()
+    """The intra-op thread count the service uses with these settings."""
+    return resolve_thread_plan(settings).intra_op_threads
 
 
 def _static_dims(shape: list[Any]) -> list[int | None]:
@@ -151,19 +164,59 @@ def check_providers(session: ort.InferenceSession, setting: str) -> dict[str, An
     return result
 
 
-def warm_up(model: OnnxModel, max_batch_size: int, runs: int) -> dict[str, Any]:
-    """First runs allocate arenas and pick kernels; pay that before the first request."""
+AUTOTUNE_TIMED_RUNS = 3
+AUTOTUNE_TOLERANCE = 0.05
+
+
+def candidate_batch_sizes(max_batch_size: int) -> list[int]:
+    """1, 2, 4, ... up to and including ``max_batch_size``."""
+    sizes = []
+    size = 1
+    while size < max_batch_size:
+        sizes.append(size)
+        size *= 2
+    sizes.append(max_batch_size)
+    return sizes
+
+
+def choose_batch_size(images_per_s: dict[int, float], tolerance: float = AUTOTUNE_TOLERANCE) -> int:
+    """The smallest batch size within ``tolerance`` of the best throughput.
+
+    Smaller batches cost less latency, so a larger one must really pay. On a CPU, where a
+    convolution already keeps the cores busy with one image, this is often 1 or 2; on a GPU,
+    where a batch fills the device, it is the largest.
+    """
+    best = max(images_per_s.values())
+    return min(size for size, rate in images_per_s.items() if rate >= (1 - tolerance) * best)
+
+
+def warm_up(model: OnnxModel, max_batch_size: int, runs: int, autotune: bool) -> dict[str, Any]:
+    """First runs allocate arenas and pick kernels; pay that before the first request. With
+    ``autotune``, also time each batch size (best of a few runs) and cap batches accordingly."""
     spec = model.card.input
     started = time.perf_counter()
-    sizes = sorted({1, max_batch_size})
+    sizes = candidate_batch_sizes(max_batch_size) if autotune else sorted({1, max_batch_size})
+    tensor = np.zeros((spec.height, spec.width, spec.channels), np.float32)
+    images_per_s: dict[int, float] = {}
     for size in sizes:
-        tensors = [np.zeros((spec.height, spec.width, spec.channels), np.float32)] * size
+        tensors = [tensor] * size
         for _ in range(runs):
             model.run_tensors(tensors)
+        if autotune and len(sizes) > 1:
+            fastest = math.inf
+            for _ in range(AUTOTUNE_TIMED_RUNS):
+                run_started = time.perf_counter()
+                model.run_tensors(tensors)
+                fastest = min(fastest, time.perf_counter() - run_started)
+            images_per_s[size] = size / fastest
+    effective = choose_batch_size(images_per_s) if images_per_s else max_batch_size
+    model.max_batch_size = effective
     return {
         "ok": True,
         "runs": runs,
         "batch_sizes": sizes,
+        "images_per_s": {str(size): round(rate, 1) for size, rate in images_per_s.items()},
+        "effective_max_batch_size": effective,
         "ms": round((time.perf_counter() - started) * 1000, 1),
     }
 
@@ -282,25 +335,36 @@ def load_model(settings: Settings) -> LoadOutcome:
                 f"{card.onnx.sha256} (model and card are out of sync or the file is damaged)"
             )
         outcome.checks["sha256"] = {"ok": True, "sha256": digest}
-        threads = resolve_threads(settings)
+        plan = resolve_thread_plan(settings)
         providers = requested_providers(settings.provider, ort.get_available_providers())
         try:
             session = ort.InferenceSession(
                 model_bytes,
-                sess_options=session_options(threads, settings.ort_spinning),
+                sess_options=session_options(plan.intra_op_threads, settings.ort_spinning),
                 providers=providers,
             )
         except Exception as exc:  # onnxruntime raises its own exception types
             raise ModelCheckError(f"onnxruntime cannot load {onnx_path.name}: {exc}") from exc
         del model_bytes
         model = OnnxModel(
-            session, card, raw_card, digest, threads, max_batch_size=settings.max_batch_size
+            session,
+            card,
+            raw_card,
+            digest,
+            intra_op_threads=plan.intra_op_threads,
+            inference_workers=plan.inference_workers,
+            max_batch_size=settings.max_batch_size,
         )
         outcome.model = model
         outcome.checks["providers"] = check_providers(session, settings.provider)
         outcome.checks["graph_io"] = check_graph_io(session, card)
         outcome.checks["embedded_card"] = check_embedded_card(session, card)
-        outcome.checks["warmup"] = warm_up(model, settings.max_batch_size, settings.warmup_runs)
+        outcome.checks["warmup"] = warm_up(
+            model,
+            settings.max_batch_size,
+            settings.warmup_runs,
+            autotune=settings.batch_autotune and settings.batching,
+        )
         PIL.Image.init()  # import every decoder plugin now, not during the first odd upload
         outcome.checks["golden_samples"] = replay_golden_samples(
             model, model_dir, settings.golden_tolerance

@@ -60,6 +60,7 @@ class OnnxModel:
         raw_card: dict[str, Any],
         sha256: str,
         intra_op_threads: int,
+        inference_workers: int,
         max_batch_size: int,
     ) -> None:
         self.session = session
@@ -67,13 +68,21 @@ class OnnxModel:
         self.raw_card = raw_card
         self.sha256 = sha256
         self.intra_op_threads = intra_op_threads
+        self.inference_workers = inference_workers
+        self.max_batch_size = max_batch_size  # lowered by the start-up batch-size autotune
         self.input_name = card.input.name
         self.output_names = [card.outputs.probabilities.name, card.outputs.heatmap.name]
-        shape = (max_batch_size, card.input.height, card.input.width, card.input.channels)
-        # Reused input buffer for multi-image batches: avoids a multi-MB allocation (and its
-        # page faults) per batch. Guarded because the no-batching path runs from many threads.
-        self._batch_buffer = np.empty(shape, dtype=np.float32)
-        self._buffer_lock = threading.Lock()
+        self._input_shape = (card.input.height, card.input.width, card.input.channels)
+        # One reused input buffer per thread for multi-image batches: no multi-MB allocation
+        # (and its page faults) per batch, and no lock between parallel workers.
+        self._buffers = threading.local()
+
+    def _batch_buffer(self, count: int) -> np.ndarray:
+        buffer: np.ndarray | None = getattr(self._buffers, "array", None)
+        if buffer is None or len(buffer) < count:
+            buffer = np.empty((max(count, self.max_batch_size), *self._input_shape), np.float32)
+            self._buffers.array = buffer
+        return buffer[:count]
 
     @property
     def providers(self) -> list[str]:
@@ -89,16 +98,11 @@ class OnnxModel:
         count = len(tensors)
         if count == 1:
             probabilities, heatmaps = self.run(tensors[0][np.newaxis])
-        elif count <= len(self._batch_buffer) and self._buffer_lock.acquire(blocking=False):
-            try:
-                batch = self._batch_buffer[:count]
-                for index, tensor in enumerate(tensors):
-                    batch[index] = tensor
-                probabilities, heatmaps = self.run(batch)
-            finally:
-                self._buffer_lock.release()
         else:
-            probabilities, heatmaps = self.run(np.stack(tensors))
+            batch = self._batch_buffer(count)
+            for index, tensor in enumerate(tensors):
+                batch[index] = tensor
+            probabilities, heatmaps = self.run(batch)
         if len(probabilities) != count or len(heatmaps) != count:
             raise RuntimeError(
                 f"model returned {len(probabilities)} results for a batch of {count} images"

@@ -74,10 +74,11 @@ class InferencePipeline:
         if settings.batching:
             self.executor = MicroBatcher(
                 model.run_tensors,
-                max_batch_size=settings.max_batch_size,
+                max_batch_size=model.max_batch_size,  # after the start-up autotune
                 max_wait_s=settings.max_batch_wait_ms / 1000.0,
                 max_queue=settings.max_queue,
                 observer=metrics,
+                workers=model.inference_workers,
             )
         else:
             self.executor = DirectExecutor(

@@ -220,7 +220,8 @@ class ModelResponse(BaseModel):
     provider_setting: str
     providers: list[str] = Field(description="Execution providers actually in use.")
     available_providers: list[str]
-    intra_op_threads: int | None
+    intra_op_threads: int | None = Field(description="onnxruntime threads per model run.")
+    inference_workers: int | None = Field(description="Model runs in parallel.")
     decode_threads: int | None
     batching: dict[str, Any]
     checks: dict[str, Any] = Field(description="Start-up checks: sha256, graph I/O, golden...")

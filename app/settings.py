@@ -54,7 +54,14 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(
         default=0,
         ge=0,
-        description="onnxruntime intra-op threads; 0 = CPUs available to the process.",
+        description="onnxruntime threads inside one model run; 0 = auto (CPUs / workers on a "
+        "CPU, all CPUs with CUDA).",
+    )
+    inference_workers: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="Model runs in parallel; 0 = auto (one per CPU on a CPU, 1 with CUDA).",
     )
     ort_spinning: bool = Field(
         default=False,
@@ -80,6 +87,11 @@ class Settings(BaseSettings):
     )
     max_batch_size: int = Field(
         default=8, ge=1, le=256, description="Most images in one model run."
+    )
+    batch_autotune: bool = Field(
+        default=True,
+        description="At start-up, time the model at batch sizes up to max_batch_size and cap "
+        "batches at the smallest size within 5% of the best images/s.",
     )
     max_batch_wait_ms: float = Field(
         default=5.0, ge=0, le=1000, description="Longest wait for batch-mates still being decoded."

@@ -99,6 +99,7 @@ def app_client(shipped_model_dir: Path) -> AppClientFactory:
     ) -> AsyncIterator[AppClient]:
         overrides.setdefault("model_dir", shipped_model_dir)
         overrides.setdefault("warmup_runs", 0)  # warm-up has its own test; keep tests quick
+        overrides.setdefault("batch_autotune", False)  # keeps batch sizes predictable
         app = create_app(Settings(**overrides))
         async with LifespanManager(app, startup_timeout=60, shutdown_timeout=30) as manager:
             transport = httpx.ASGITransport(

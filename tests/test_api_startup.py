@@ -16,14 +16,15 @@ import pytest
 from conftest import AppClientFactory, edit_card
 from pydantic import ValidationError
 
-from app.cpu_budget import available_cpus, cgroup_cpu_limit
-from app.model_loader import load_model
+from app.cpu_budget import available_cpus, cgroup_cpu_limit, plan_threads
+from app.model_loader import candidate_batch_sizes, choose_batch_size, load_model
 from app.settings import Settings
 
 pytestmark = pytest.mark.anyio
 
 
 def loaded(model_dir: Path, **overrides: Any) -> Any:
+    overrides.setdefault("batch_autotune", False)
     return load_model(Settings(model_dir=model_dir, warmup_runs=1, **overrides))
 
 
@@ -222,15 +223,74 @@ async def test_required_cuda_service_reports_why_and_the_real_provider(
 async def test_default_thread_budget_follows_available_cpus(app_client: AppClientFactory) -> None:
     async with app_client() as client:
         model = (await client.get("/model")).json()
-    assert model["intra_op_threads"] == available_cpus()
-    assert model["decode_threads"] == available_cpus()
+    cpus = available_cpus()
+    assert model["inference_workers"] == cpus  # one single-threaded run per CPU
+    assert model["intra_op_threads"] == 1
+    assert model["decode_threads"] == cpus
 
 
 async def test_explicit_thread_budget(app_client: AppClientFactory) -> None:
-    async with app_client(intra_op_threads=1, decode_threads=3) as client:
+    async with app_client(intra_op_threads=2, decode_threads=3) as client:
         model = (await client.get("/model")).json()
-    assert model["intra_op_threads"] == 1
+    assert model["intra_op_threads"] == 2
+    assert model["inference_workers"] == max(1, available_cpus() // 2)
     assert model["decode_threads"] == 3
+    async with app_client(inference_workers=3) as client:
+        model = (await client.get("/model")).json()
+    assert model["inference_workers"] == 3
+    assert model["intra_op_threads"] == max(1, available_cpus() // 3)
+
+
+async def test_batch_size_autotune_caps_batches(app_client: AppClientFactory) -> None:
+    async with app_client(batch_autotune=True, max_batch_size=4, warmup_runs=1) as client:
+        model = (await client.get("/model")).json()
+    warmup = model["checks"]["warmup"]
+    assert warmup["batch_sizes"] == [1, 2, 4]
+    assert set(warmup["images_per_s"]) == {"1", "2", "4"}
+    assert all(rate > 0 for rate in warmup["images_per_s"].values())
+    chosen = warmup["effective_max_batch_size"]
+    assert chosen in (1, 2, 4)
+    assert model["batching"]["effective_max_batch_size"] == chosen
+    rates = {int(size): rate for size, rate in warmup["images_per_s"].items()}
+    assert rates[chosen] >= 0.95 * max(rates.values()) - 0.1  # (rates are rounded)
+
+
+async def test_autotune_off_keeps_the_configured_batch_size(app_client: AppClientFactory) -> None:
+    async with app_client(batch_autotune=False, max_batch_size=6) as client:
+        model = (await client.get("/model")).json()
+    assert model["batching"]["effective_max_batch_size"] == 6
+    assert model["checks"]["warmup"]["images_per_s"] == {}
+
+
+def test_choose_batch_size_prefers_the_smallest_that_is_nearly_as_fast() -> None:
+    assert choose_batch_size({1: 80.0, 2: 79.0, 4: 78.0, 8: 70.0}) == 1  # a busy CPU
+    assert choose_batch_size({1: 100.0, 2: 190.0, 4: 350.0, 8: 600.0}) == 8  # a GPU
+    assert choose_batch_size({1: 100.0, 2: 150.0, 4: 154.0, 8: 155.0}) == 2
+
+
+def test_candidate_batch_sizes() -> None:
+    assert candidate_batch_sizes(1) == [1]
+    assert candidate_batch_sizes(8) == [1, 2, 4, 8]
+    assert candidate_batch_sizes(12) == [1, 2, 4, 8, 12]
+
+
+@pytest.mark.parametrize(
+    ("cpus", "workers", "intra", "gpu", "expected"),
+    [
+        (2, 0, 0, False, (2, 1)),  # CPU: one single-threaded run per CPU
+        (8, 0, 0, False, (8, 1)),
+        (8, 0, 4, False, (2, 4)),  # intra-op threads given: workers fill the rest
+        (8, 2, 0, False, (2, 4)),  # workers given: threads split between them
+        (8, 3, 0, False, (3, 2)),
+        (2, 0, 0, True, (1, 2)),  # GPU: one worker feeds the device
+        (1, 4, 4, False, (4, 4)),  # explicit values are kept as given
+    ],
+)
+def test_thread_plan(
+    cpus: int, workers: int, intra: int, gpu: bool, expected: tuple[int, int]
+) -> None:
+    plan = plan_threads(cpus, workers=workers, intra_op_threads=intra, gpu=gpu)
+    assert (plan.inference_workers, plan.intra_op_threads) == expected
 
 
 # --- CPU budget -------------------------------------------------------------------------------

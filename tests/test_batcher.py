@@ -284,9 +284,38 @@ def test_many_threads_get_their_own_results(make_batcher: BatcherFactory, model:
     assert batcher.pending == 0
 
 
+def test_several_workers_run_batches_side_by_side() -> None:
+    running = 0
+    most_at_once = 0
+    lock = threading.Lock()
+
+    def slow(items: Sequence[int]) -> list[int]:
+        nonlocal running, most_at_once
+        with lock:
+            running += 1
+            most_at_once = max(most_at_once, running)
+        time.sleep(0.05)
+        with lock:
+            running -= 1
+        return list(items)
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(
+        slow, max_batch_size=1, max_wait_s=0.0, max_queue=16, workers=2
+    )
+    try:
+        reservation = batcher.reserve(6)
+        futures = [reservation.submit(value) for value in range(6)]
+        assert [future.result(RESULT_TIMEOUT).value for future in futures] == list(range(6))
+    finally:
+        batcher.close()
+    assert most_at_once == 2
+
+
 def test_validates_its_configuration(model: FakeModel) -> None:
     with pytest.raises(ValueError, match="max_batch_size"):
         MicroBatcher(model, max_batch_size=0, max_wait_s=0.0, max_queue=1)
+    with pytest.raises(ValueError, match="workers"):
+        MicroBatcher(model, max_batch_size=1, max_wait_s=0.0, max_queue=1, workers=0)
 
 
 # --- batching off -----------------------------------------------------------------------------

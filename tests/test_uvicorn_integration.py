@@ -75,6 +75,7 @@ def server(shipped_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         "DEFECT_MODEL_DIR": str(shipped_model_dir),
         "DEFECT_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
+        "DEFECT_BATCH_AUTOTUNE": "false",  # so that concurrent requests are coalesced
         "DEFECT_LOG_LEVEL": "INFO",
     }
     with log_path.open("wb") as log:
