@@ -3,8 +3,14 @@
 The heatmap has one calibrated defect probability per cell of the *resized* input. Because the
 preprocessing stretches the whole image (no crop, no padding), cell ``(i, j)`` covers the same
 fraction of the original image, so cell boxes map to original pixels by simple scaling.
-A cell is "hot" when its probability reaches the decision threshold; since the image's logit is
-the mean of the cells' logits, every image judged defect has at least one hot cell.
+
+Which cells are "hot" (the defect area): cells whose probability reaches the decision threshold
+**and** whose logit lies in the upper half of this image's logit range. The first condition
+alone is not enough: the cells' probabilities are calibrated for the whole image, so on a
+clearly defective part most cells pass it and the "region" would be the whole photo. The second
+keeps the part of the map that stands out, as class-activation-map localisation usually does.
+Only an image judged defect has a hot region; since its logit is the mean of the cells' logits,
+its hottest cell always passes both conditions.
 """
 
 from __future__ import annotations
@@ -39,15 +45,29 @@ class HeatmapSummary:
     area_fraction: float  # share of the image covered by hot cells
 
 
-def hottest_region(heatmap: np.ndarray, threshold: float) -> np.ndarray:
-    """Mask of the 8-connected region of cells >= threshold that contains the hottest cell.
+RELATIVE_LEVEL = 0.5  # share of the logit range (min -> max) a hot cell must reach
+_EPSILON = 1e-6
 
-    Empty when even the hottest cell is below the threshold.
-    """
+
+def hot_cells(heatmap: np.ndarray, threshold: float) -> np.ndarray:
+    """Cells at or above the threshold and in the upper half of the map's logit range."""
     if heatmap.ndim != 2 or heatmap.size == 0:
         raise ValueError(f"heatmap must be a non-empty 2-D array, got shape {heatmap.shape}")
-    hot = heatmap >= threshold
-    region = np.zeros_like(hot)
+    probabilities = np.clip(heatmap.astype(np.float64), _EPSILON, 1.0 - _EPSILON)
+    logits = np.log(probabilities / (1.0 - probabilities))
+    low, high = float(logits.min()), float(logits.max())
+    span = max(high - low, _EPSILON)  # a flat map: every cell is at the top of its range
+    relative = np.where(high - low < _EPSILON, 1.0, (logits - low) / span)
+    hot: np.ndarray = (heatmap >= threshold) & (relative >= RELATIVE_LEVEL)
+    return hot
+
+
+def hottest_region(heatmap: np.ndarray, hot: np.ndarray) -> np.ndarray:
+    """Mask of the 8-connected region of ``hot`` cells that contains the hottest cell
+    (empty when the hottest cell is not hot)."""
+    if heatmap.ndim != 2 or heatmap.size == 0:
+        raise ValueError(f"heatmap must be a non-empty 2-D array, got shape {heatmap.shape}")
+    region = np.zeros_like(hot, dtype=bool)
     start = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
     if not hot[start]:
         return region
@@ -81,17 +101,32 @@ def cells_to_box(mask: np.ndarray, image_width: int, image_height: int) -> Box |
 
 
 def summarize_heatmap(
-    heatmap: np.ndarray, threshold: float, image_width: int, image_height: int
+    heatmap: np.ndarray,
+    threshold: float,
+    image_width: int,
+    image_height: int,
+    *,
+    is_defect: bool,
 ) -> HeatmapSummary:
+    """Peak, hottest region (as a box in original pixels) and defect area fraction.
+
+    For an image not judged defect there is no region and the area is 0; the peak still says
+    where the model was most suspicious.
+    """
     grid_rows, grid_cols = heatmap.shape
     peak_row, peak_col = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
-    box = cells_to_box(hottest_region(heatmap, threshold), image_width, image_height)
+    if is_defect:
+        hot = hot_cells(heatmap, threshold)
+        box = cells_to_box(hottest_region(heatmap, hot), image_width, image_height)
+        area_fraction = float(np.count_nonzero(hot)) / heatmap.size
+    else:
+        box, area_fraction = None, 0.0
     return HeatmapSummary(
         peak=float(heatmap[peak_row, peak_col]),
         peak_x=min(image_width - 1, int((peak_col + 0.5) * image_width / grid_cols)),
         peak_y=min(image_height - 1, int((peak_row + 0.5) * image_height / grid_rows)),
         box=box,
-        area_fraction=float(np.count_nonzero(heatmap >= threshold)) / heatmap.size,
+        area_fraction=area_fraction,
     )
 
 
@@ -107,7 +142,7 @@ def _colour_lut() -> np.ndarray:
 
 
 _LUT = _colour_lut()
-_MAX_ALPHA = 0.65
+_MAX_ALPHA = 0.5
 
 
 def render_overlay(

@@ -167,6 +167,7 @@ class InferencePipeline:
                 prepared,
                 completed.value.heatmap,
                 options.threshold,
+                result["label"] == self.card.defect_class,
             )
         return result
 
@@ -200,10 +201,12 @@ class InferencePipeline:
         return self._class_names[max(others, key=lambda i: probabilities[i])]
 
     def _heatmap(
-        self, prepared: PreparedImage, heatmap: np.ndarray, threshold: float
+        self, prepared: PreparedImage, heatmap: np.ndarray, threshold: float, is_defect: bool
     ) -> dict[str, Any]:
         """Worker thread: region statistics and the PNG overlay."""
-        summary = summarize_heatmap(heatmap, threshold, prepared.width, prepared.height)
+        summary = summarize_heatmap(
+            heatmap, threshold, prepared.width, prepared.height, is_defect=is_defect
+        )
         assert prepared.image is not None
         png, width, height = render_overlay(
             prepared.image, heatmap, summary.box, self.settings.heatmap_max_side

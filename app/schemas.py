@@ -68,10 +68,11 @@ class Grid(BaseModel):
 
 class HeatmapResult(BaseModel):
     bbox: BoundingBox | None = Field(
-        description="Box of the hottest connected region of cells whose defect probability "
-        "reaches the threshold; null when no cell does."
+        description="Box of the hottest connected region of hot cells (defect probability >= "
+        "threshold and logit in the upper half of the image's range); null unless the verdict "
+        "is defect."
     )
-    area_fraction: float = Field(description="Share of the image covered by such cells (0-1).")
+    area_fraction: float = Field(description="Share of the image covered by hot cells (0-1).")
     peak_probability: float = Field(description="Highest per-cell defect probability.")
     peak: Point = Field(description="Centre of the hottest cell, original-image pixels.")
     grid: Grid = Field(description="Heatmap resolution (cells).")

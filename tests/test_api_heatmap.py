@@ -8,43 +8,72 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.heatmap import Box, cells_to_box, hottest_region, render_overlay, summarize_heatmap
+from app.heatmap import (
+    Box,
+    cells_to_box,
+    hot_cells,
+    hottest_region,
+    render_overlay,
+    summarize_heatmap,
+)
 
 
 def grid(rows: int = 10, cols: int = 24, base: float = 0.1) -> np.ndarray:
     return np.full((rows, cols), base, dtype=np.float32)
 
 
-def test_no_region_when_every_cell_is_below_the_threshold() -> None:
+def test_no_region_unless_the_verdict_is_defect() -> None:
     heat = grid()
-    heat[3, 4] = 0.49
-    assert not hottest_region(heat, 0.5).any()
-    summary = summarize_heatmap(heat, 0.5, 565, 230)
+    heat[3, 4] = 0.9
+    summary = summarize_heatmap(heat, 0.5, 565, 230, is_defect=False)
     assert summary.box is None
     assert summary.area_fraction == 0.0
-    assert summary.peak == pytest.approx(0.49)
+    assert summary.peak == pytest.approx(0.9)  # the peak is still reported
+
+
+def test_hot_cells_need_the_threshold_and_the_upper_half_of_the_logit_range() -> None:
+    heat = grid(rows=1, cols=5)
+    heat[0] = [0.02, 0.6, 0.97, 0.999, 0.3]  # logits -3.9, 0.4, 3.5, 6.9, -0.8
+    hot = hot_cells(heat, threshold=0.5)
+    # 0.6 passes the threshold but sits low in this map's range; 0.97 is above the middle (1.5)
+    assert hot[0].tolist() == [False, False, True, True, False]
+
+
+def test_a_broad_map_is_narrowed_to_what_stands_out() -> None:
+    heat = np.full((10, 24), 0.8, dtype=np.float32)  # everything above the threshold ...
+    heat[2:4, 6:9] = 0.999  # ... but this patch stands out
+    summary = summarize_heatmap(heat, 0.5, 2400, 1000, is_defect=True)
+    assert summary.box == Box(x=600, y=200, width=300, height=200)
+    assert summary.area_fraction == pytest.approx(6 / 240)
+
+
+def test_a_flat_map_is_all_hot() -> None:
+    heat = np.full((2, 3), 0.9, dtype=np.float32)
+    assert hot_cells(heat, 0.5).all()
+    assert not hot_cells(np.full((2, 3), 0.4, dtype=np.float32), 0.5).any()
 
 
 def test_region_is_the_connected_component_of_the_hottest_cell() -> None:
     heat = grid()
-    heat[1, 1] = heat[1, 2] = heat[2, 2] = 0.7  # a weaker blob
-    heat[6, 20] = 0.95  # the hottest cell ...
-    heat[7, 21] = 0.8  # ... and a diagonal neighbour (8-connectivity)
-    region = hottest_region(heat, 0.5)
+    heat[1, 1] = heat[1, 2] = heat[2, 2] = 0.97  # another hot blob
+    heat[6, 20] = 0.995  # the hottest cell ...
+    heat[7, 21] = 0.98  # ... and a diagonal neighbour (8-connectivity)
+    region = hottest_region(heat, hot_cells(heat, 0.5))
     assert sorted(zip(*np.nonzero(region), strict=True)) == [(6, 20), (7, 21)]
-
-
-def test_area_fraction_counts_every_hot_cell() -> None:
-    heat = grid(rows=4, cols=5)
-    heat[0, 0] = heat[3, 4] = 0.9
-    summary = summarize_heatmap(heat, 0.5, 100, 80)
-    assert summary.area_fraction == pytest.approx(2 / 20)
+    summary = summarize_heatmap(heat, 0.5, 240, 100, is_defect=True)
+    assert summary.area_fraction == pytest.approx(5 / 240)  # both blobs count as area
 
 
 def test_threshold_is_inclusive() -> None:
     heat = grid(rows=2, cols=2)
     heat[0, 1] = 0.5
-    assert hottest_region(heat, 0.5)[0, 1]
+    assert hot_cells(heat, 0.5)[0, 1]
+
+
+def test_region_is_empty_when_the_hottest_cell_is_not_hot() -> None:
+    heat = grid()
+    heat[0, 0] = 0.4
+    assert not hottest_region(heat, hot_cells(heat, 0.5)).any()
 
 
 def test_cell_boxes_map_to_original_pixels() -> None:
@@ -75,18 +104,19 @@ def test_box_follows_image_size_not_model_size() -> None:
 def test_peak_is_the_centre_of_the_hottest_cell() -> None:
     heat = grid()
     heat[2, 6] = 0.99
-    summary = summarize_heatmap(heat, 0.5, 2400, 1000)
+    summary = summarize_heatmap(heat, 0.5, 2400, 1000, is_defect=True)
     assert (summary.peak_x, summary.peak_y) == (650, 250)
     assert summary.box == Box(x=600, y=200, width=100, height=100)
 
 
 def test_rejects_a_non_2d_heatmap() -> None:
     with pytest.raises(ValueError, match="2-D"):
-        hottest_region(np.zeros((2, 3, 4), np.float32), 0.5)
+        hot_cells(np.zeros((2, 3, 4), np.float32), 0.5)
 
 
-def test_a_defect_verdict_always_has_a_hot_cell() -> None:
-    """The image logit is the mean of the cell logits, so p_image >= t implies max cell >= t."""
+def test_a_defect_verdict_always_has_a_region() -> None:
+    """The image logit is the mean of the cell logits, so p_image >= t implies max cell >= t,
+    and the hottest cell is at the top of the range by definition."""
     rng = np.random.default_rng(0)
     for _ in range(500):
         logits = rng.normal(rng.normal(0, 2), rng.uniform(0.1, 3), size=(10, 24))
@@ -94,7 +124,9 @@ def test_a_defect_verdict_always_has_a_hot_cell() -> None:
         image_probability = 1 / (1 + np.exp(-logits.mean()))
         threshold = rng.uniform(0.01, 0.99)
         if image_probability >= threshold:
-            assert summarize_heatmap(cells, threshold, 565, 230).box is not None
+            summary = summarize_heatmap(cells, threshold, 565, 230, is_defect=True)
+            assert summary.box is not None
+            assert 0 < summary.area_fraction <= 1
 
 
 def decode_png(data: bytes) -> Image.Image:

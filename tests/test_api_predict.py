@@ -6,6 +6,7 @@ import base64
 import hashlib
 import io
 import json
+import math
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -219,20 +220,28 @@ async def test_heatmap_overlay_box_and_area(client: AppClient, images: list[Fixt
         overlay = Image.open(io.BytesIO(base64.b64decode(heatmap["overlay_png_base64"])))
         assert overlay.format == "PNG"
         assert overlay.size == (heatmap["overlay_width"], heatmap["overlay_height"]) == (565, 230)
-        assert 0.0 <= heatmap["area_fraction"] <= 1.0
         assert heatmap["threshold"] == body["threshold"]
         assert 0 <= heatmap["peak"]["x"] < 565
         assert 0 <= heatmap["peak"]["y"] < 230
         box = heatmap["bbox"]
         if body["label"] == "defect":
             assert box is not None  # a defect verdict always has a hot region
-        if box is not None:
             assert 0 <= box["x"] < box["x"] + box["width"] <= 565
             assert 0 <= box["y"] < box["y"] + box["height"] <= 230
-            assert heatmap["area_fraction"] > 0
+            assert 0 < heatmap["area_fraction"] <= 1
             assert heatmap["peak_probability"] >= body["threshold"]
+            assert box["x"] <= heatmap["peak"]["x"] < box["x"] + box["width"]
+            assert box["y"] <= heatmap["peak"]["y"] < box["y"] + box["height"]
         else:
+            assert box is None
             assert heatmap["area_fraction"] == 0
+
+
+def on_cell_grid(start: int, length: int, size: int, cells: int) -> bool:
+    """Whether [start, start + length) is a run of whole cells of a ``size``-pixel side."""
+    starts = {math.floor(cell * size / cells) for cell in range(cells)}
+    ends = {min(size, math.ceil((cell + 1) * size / cells)) for cell in range(cells)}
+    return start in starts and start + length in ends
 
 
 async def test_heatmap_box_is_in_original_pixels_of_a_larger_upload(
@@ -243,13 +252,20 @@ async def test_heatmap_box_is_in_original_pixels_of_a_larger_upload(
     response = await client.post(
         "/predict",
         files=file_part(png_bytes(large), "large.png", "image/png"),
-        params={"heatmap": "true", "threshold": 0.0},  # every cell is hot: box = whole image
+        params={"heatmap": "true"},
     )
     body = response.json()
+    assert body["label"] == "defect"
     assert body["image"] == {"width": 1130, "height": 460}
-    assert body["heatmap"]["bbox"] == {"x": 0, "y": 0, "width": 1130, "height": 460}
-    assert body["heatmap"]["area_fraction"] == 1.0
-    assert body["heatmap"]["overlay_width"] == 1024  # capped by DEFECT_HEATMAP_MAX_SIDE
+    heatmap = body["heatmap"]
+    box = heatmap["bbox"]
+    rows, cols = heatmap["grid"]["rows"], heatmap["grid"]["cols"]
+    # aligned to the heatmap cells as laid over the 1130x460 original, not the model input
+    assert on_cell_grid(box["x"], box["width"], 1130, cols)
+    assert on_cell_grid(box["y"], box["height"], 460, rows)
+    assert box["x"] + box["width"] <= 1130
+    assert heatmap["overlay_width"] == 1024  # capped by DEFECT_HEATMAP_MAX_SIDE
+    assert heatmap["overlay_height"] == round(460 * 1024 / 1130)
 
 
 async def test_exif_rotated_upload_is_judged_upright(
