@@ -4,13 +4,14 @@ This is the upper bound the service is compared with, so it is built to be as fa
 hardware allows with the service's own resources:
 
 * the same ONNX file, the same ``SessionOptions`` (``app.onnx_model.session_options``) and the
-  same intra-op thread count as the service;
+  same thread plan as the service: intra-op threads per run, parallel model runs (workers),
+  decode threads;
 * the same decoding and preprocessing code (``app.preprocessing.preprocess_bytes``);
 * three schedules, and the best one counts: *sequential* (one thread decodes a batch, then runs
-  it), *pipelined* (``decode_threads`` workers decode ahead while one thread runs the model:
-  what the service's micro-batcher does) and *parallel* (``decode_threads`` threads each decode
-  and run their own batches on the shared session at once: what the service does with batching
-  off), at every batch size asked for;
+  it), *pipelined* (``decode_threads`` threads decode ahead while ``workers`` threads run the
+  model: what the service's micro-batcher does) and *parallel* (threads that each decode and
+  run their own batches on the shared session: what the service does with batching off), at
+  every batch size asked for;
 * batches are written into one preallocated input buffer (no per-batch allocation).
 
 It also reports the model alone on pre-decoded tensors (images/s per batch size) and the
@@ -20,6 +21,7 @@ service's p50 at concurrency 1 is held against.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -88,10 +90,17 @@ class Ceiling:
     """Runs the ceiling measurements for one model on one image list."""
 
     def __init__(
-        self, model: CeilingModel, images: Sequence[bytes], decode_threads: int, max_batch: int
+        self,
+        model: CeilingModel,
+        images: Sequence[bytes],
+        *,
+        workers: int,
+        decode_threads: int,
+        max_batch: int,
     ) -> None:
         self.model = model
         self.images = list(images)
+        self.workers = workers
         self.decode_threads = decode_threads
         self.spec = model.card.input_spec
         shape = (max_batch, self.spec.height, self.spec.width, self.spec.channels)
@@ -124,38 +133,51 @@ class Ceiling:
         return _timed(loop)
 
     def pipelined(self, batch: int, total: int) -> Rate:
-        """``decode_threads`` workers decode ahead while this thread runs the model. Images/s."""
-        buffer = self.buffer
-        window = 2 * batch + self.decode_threads  # decoded-ahead images kept in memory
+        """``decode_threads`` workers decode ahead while ``workers`` threads run the model on
+        batches of the decoded images (the service's micro-batcher). Images/s."""
+        shape = self.buffer.shape[1:]
+        buffers = [np.empty((batch, *shape), dtype=np.float32) for _ in range(self.workers)]
+        window = 2 * batch * self.workers + self.decode_threads  # decoded-ahead images
+        lock = threading.Lock()
+        pending: deque[Future[np.ndarray]] = deque()
+        counters = {"submitted": 0, "taken": 0}
 
         def loop() -> int:
-            pending: deque[Future[np.ndarray]] = deque()
-            submitted = 0
-            done = 0
             with ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode") as pool:
 
-                def top_up() -> None:
-                    nonlocal submitted
-                    while len(pending) < window and submitted < total:
-                        pending.append(pool.submit(self.decode, submitted))
-                        submitted += 1
+                def top_up() -> None:  # under the lock
+                    while len(pending) < window and counters["submitted"] < total:
+                        pending.append(pool.submit(self.decode, counters["submitted"]))
+                        counters["submitted"] += 1
 
-                top_up()
-                while done < total:
-                    size = min(batch, total - done)
-                    for slot in range(size):
-                        buffer[slot] = pending.popleft().result()
+                def run_batches(worker: int) -> int:
+                    buffer = buffers[worker]
+                    done = 0
+                    while True:
+                        with lock:
+                            size = min(batch, total - counters["taken"])
+                            if size <= 0:
+                                return done
+                            futures = [pending.popleft() for _ in range(size)]
+                            counters["taken"] += size
+                            top_up()
+                        for slot, future in enumerate(futures):
+                            buffer[slot] = future.result()
+                        self.model.run(buffer[:size])
+                        done += size
+
+                with lock:
                     top_up()
-                    self.model.run(buffer[:size])
-                    done += size
-            return done
+                with ThreadPoolExecutor(self.workers, thread_name_prefix="model") as runners:
+                    return sum(runners.map(run_batches, range(self.workers)))
 
         return _timed(loop)
 
     def parallel(self, batch: int, total: int) -> Rate:
-        """``decode_threads`` threads, each decoding and running its own batches on the shared
-        session at the same time (what the service does with batching off). Images/s."""
-        workers = self.decode_threads
+        """``max(workers, decode_threads)`` threads, each decoding and running its own batches
+        on the shared session at the same time (batching off runs the model in the decoding
+        thread). Images/s."""
+        workers = max(self.workers, self.decode_threads)
         shape = self.buffer.shape[1:]
         buffers = [np.empty((batch, *shape), dtype=np.float32) for _ in range(workers)]
 
@@ -176,16 +198,22 @@ class Ceiling:
         return _timed(loop)
 
     def model_only(self, batch: int, total: int) -> Rate:
-        """onnxruntime alone on already-decoded tensors (what batching can buy the model)."""
+        """onnxruntime alone on already-decoded tensors, ``workers`` runs side by side (what
+        batching and the thread plan can buy the model, without any decoding)."""
         tensors = [self.decode(i) for i in range(min(len(self.images), batch))]
         for slot in range(batch):
             self.buffer[slot] = tensors[slot % len(tensors)]
-        runs = max(1, total // batch)
+        buffers = [self.buffer[:batch].copy() for _ in range(self.workers)]
+        runs = max(1, total // (batch * self.workers))
+
+        def work(worker: int) -> int:
+            for _ in range(runs):
+                self.model.run(buffers[worker])
+            return runs * batch
 
         def loop() -> int:
-            for _ in range(runs):
-                self.model.run(self.buffer[:batch])
-            return runs * batch
+            with ThreadPoolExecutor(self.workers, thread_name_prefix="model") as pool:
+                return sum(pool.map(work, range(self.workers)))
 
         return _timed(loop)
 
@@ -216,6 +244,7 @@ def measure_ceiling(
     images: Sequence[bytes],
     *,
     threads: int,
+    workers: int,
     decode_threads: int,
     batch_sizes: Sequence[int],
     total: int,
@@ -224,7 +253,9 @@ def measure_ceiling(
 ) -> dict[str, Any]:
     """All ceiling figures; ``best`` is the highest images/s of any schedule and batch size."""
     model = load_ceiling_model(model_dir, threads)
-    ceiling = Ceiling(model, images, decode_threads, max(batch_sizes))
+    ceiling = Ceiling(
+        model, images, workers=workers, decode_threads=decode_threads, max_batch=max(batch_sizes)
+    )
     ceiling.warm_up(batch_sizes)
     latency = ceiling.single_image_latency(latency_images)
     log(
@@ -271,6 +302,7 @@ def measure_ceiling(
     }
     return {
         "threads": threads,
+        "workers": workers,
         "decode_threads": decode_threads,
         "images_per_batch_size": total,
         "providers": list(model.session.get_providers()),
@@ -286,13 +318,16 @@ def recheck_best(
     best: dict[str, Any],
     *,
     threads: int,
+    workers: int,
     decode_threads: int,
     total: int,
 ) -> float:
     """The best configuration measured again (at the end of the run, to expose drift)."""
     model = load_ceiling_model(model_dir, threads)
     batch = int(best["batch_size"])
-    ceiling = Ceiling(model, images, decode_threads, batch)
+    ceiling = Ceiling(
+        model, images, workers=workers, decode_threads=decode_threads, max_batch=batch
+    )
     ceiling.warm_up([batch])
     schedule = getattr(ceiling, str(best["schedule"]))
     rate: Rate = schedule(batch, total)

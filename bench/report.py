@@ -240,10 +240,12 @@ def _machine_lines(meta: dict[str, Any]) -> list[str]:
         f"`{meta['model']['sha256'][:16]}…`, input {meta['model']['input']}",
         f"- images: {meta['images']['count']} real JPEGs from the development dataset "
         f"({meta['images']['mix']}), mean {meta['images']['mean_kib']} KiB",
-        f"- onnxruntime intra-op threads {settings['threads']} (service and ceiling), decode "
-        f"threads {settings['decode_threads']}; service batching on = max batch "
-        f"{settings['max_batch_size']}, max wait {settings['max_batch_wait_ms']} ms; extra server "
-        f"env {settings['server_env'] or 'none'}",
+        f"- thread plan (service and ceiling): {settings.get('workers', 1)} model run(s) side by "
+        f"side x {settings['threads']} onnxruntime intra-op thread(s), "
+        f"{settings['decode_threads']} decode threads; service batching on = max batch "
+        f"{settings['max_batch_size']} (after the start-up autotune: "
+        f"{settings.get('effective_max_batch_size', '-')}), max wait "
+        f"{settings['max_batch_wait_ms']} ms; extra server env {settings['server_env'] or 'none'}",
         f"- run took {meta['duration_s']:.0f} s, started {meta['started_at']}, git `{meta['git']}`",
         f"- command: `{meta['command']}`",
     ]

@@ -38,7 +38,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from app.cpu_budget import available_cpus, cgroup_cpu_limit
+from app.cpu_budget import available_cpus, cgroup_cpu_limit, plan_threads
 from app.model_card import read_card
 from bench import loadgen
 from bench.ceiling import measure_ceiling, recheck_best
@@ -98,6 +98,7 @@ def _env_pair(text: str) -> tuple[str, str]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     cpus = available_cpus()
+    plan = plan_threads(cpus, workers=0, intra_op_threads=0, gpu=False)  # the service's auto
     parser = argparse.ArgumentParser(
         prog="python -m bench.throughput",
         description="Service vs in-process ceiling vs naive Keras baseline, in one run, on "
@@ -125,9 +126,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     add(
         "--threads",
         type=int,
-        default=cpus,
-        help=f"onnxruntime intra-op threads for service and ceiling (default {cpus}: the CPUs "
-        "available to this process)",
+        default=plan.intra_op_threads,
+        help="onnxruntime intra-op threads per model run, service and ceiling (default "
+        f"{plan.intra_op_threads}: the service's automatic plan on {cpus} CPUs)",
+    )
+    add(
+        "--workers",
+        type=int,
+        default=plan.inference_workers,
+        help="model runs side by side, service (DEFECT_INFERENCE_WORKERS) and ceiling "
+        f"(default {plan.inference_workers}: the service's automatic plan)",
     )
     add(
         "--decode-threads",
@@ -418,6 +426,7 @@ def run_service(
         "DEFECT_MODEL_DIR": str(args.model_dir.resolve()),
         "DEFECT_PROVIDER": "cpu",
         "DEFECT_INTRA_OP_THREADS": str(args.threads),
+        "DEFECT_INFERENCE_WORKERS": str(args.workers),
         "DEFECT_DECODE_THREADS": str(args.decode_threads),
         "DEFECT_BATCHING": "true" if mode == "on" else "false",
         **dict(args.server_env),
@@ -448,6 +457,7 @@ def run_service(
             "startup_s": round(server.started_s, 2),
             "providers": described.get("providers"),
             "intra_op_threads": described.get("intra_op_threads"),
+            "inference_workers": described.get("inference_workers"),
             "decode_threads": described.get("decode_threads"),
             "batching": described.get("batching"),
             "levels": levels,
@@ -482,7 +492,8 @@ def run_baseline(
 ) -> tuple[dict[str, Any], list[Any]]:
     env = {
         "NAIVE_MODEL_DIR": str(args.model_dir.resolve()),
-        "NAIVE_THREADS": str(args.threads),
+        # TensorFlow gets the whole compute budget of the service: workers x intra-op threads.
+        "NAIVE_THREADS": str(args.threads * args.workers),
         "TF_CPP_MIN_LOG_LEVEL": "2",
         "KERAS_BACKEND": "tensorflow",
     }
@@ -710,7 +721,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         mix[f"{image.label}/{image.capture}"] = mix.get(f"{image.label}/{image.capture}", 0) + 1
     log(
         f"{len(images)} images ({mix}), model {card.name} {card.version}, "
-        f"{args.threads} onnxruntime threads, {args.decode_threads} decode threads; server logs "
+        f"{args.workers} model workers x {args.threads} onnxruntime threads, "
+        f"{args.decode_threads} decode threads; server logs "
         f"in {logs_dir}"
     )
     results: dict[str, Any] = {}
@@ -721,6 +733,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.model_dir,
         [image.data for image in images],
         threads=args.threads,
+        workers=args.workers,
         decode_threads=args.decode_threads,
         batch_sizes=args.batch_sizes,
         total=args.ceiling_images,
@@ -746,6 +759,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         [image.data for image in images],
         results["ceiling"]["best"],
         threads=args.threads,
+        workers=args.workers,
         decode_threads=args.decode_threads,
         total=args.ceiling_images,
     )
@@ -783,8 +797,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             "max_seconds": args.max_seconds,
             "warmup": args.warmup,
             "threads": args.threads,
+            "workers": args.workers,
             "decode_threads": args.decode_threads,
             "max_batch_size": _setting(args, "max_batch_size"),
+            "effective_max_batch_size": (
+                results["service"].get("batching_on", {}).get("batching") or {}
+            ).get("effective_max_batch_size"),
             "max_batch_wait_ms": _setting(args, "max_batch_wait_ms"),
             "server_env": dict(args.server_env),
             "health_interval_ms": args.health_interval_ms,

@@ -113,6 +113,8 @@ def test_whole_benchmark_runs_with_tiny_counts(tmp_path: Path) -> None:
             "--quick",
             "--threads",
             "1",
+            "--workers",
+            "1",
             "--decode-threads",
             "1",
             *baseline,
@@ -134,7 +136,8 @@ def test_whole_benchmark_runs_with_tiny_counts(tmp_path: Path) -> None:
     assert ceiling["single_image"]["total_ms"]["p50"] > 0
     for mode in ("batching_on", "batching_off"):
         service = results["service"][mode]
-        assert service["intra_op_threads"] == 1  # the setting reached the server
+        assert service["intra_op_threads"] == 1  # the settings reached the server
+        assert service["inference_workers"] == 1
         assert service["decode_threads"] == 1
         assert service["batching"]["enabled"] is (mode == "batching_on")
         assert [level["concurrency"] for level in service["levels"]] == [1, 4]
