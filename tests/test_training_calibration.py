@@ -59,3 +59,23 @@ def test_metrics_confusion_matrix_layout() -> None:
     m = binary_metrics(np.array([0, 0, 1, 1]), np.array([0.1, 0.9, 0.2, 0.8]), 0.5)
     assert m["confusion_matrix"]["matrix"] == [[1, 1], [1, 1]]
     assert m["roc_auc"] == pytest.approx(0.5)  # 2 of 4 defect-normal pairs ranked right
+
+
+def test_balanced_sample_weights_remove_the_stratum_shortcut() -> None:
+    pytest.importorskip("tensorflow")
+    from training.fit import balanced_sample_weights
+
+    # A framing that is 90 % defect next to one that is 20 % defect.
+    strata = np.array(["wide"] * 100 + ["close"] * 400)
+    labels = np.array([1] * 90 + [0] * 10 + [1] * 80 + [0] * 320)
+    weights = balanced_sample_weights(labels, strata)
+    assert weights.sum() == pytest.approx(len(labels), rel=1e-5)
+    for stratum in ("wide", "close"):
+        inside = strata == stratum
+        defect = weights[inside & (labels == 1)].sum()
+        normal = weights[inside & (labels == 0)].sum()
+        assert defect == pytest.approx(normal, rel=1e-5)  # no label information in the stratum
+    assert weights[strata == "wide"].sum() / weights.sum() == pytest.approx(0.2, rel=1e-5)
+    # Without strata: plain balanced class weights.
+    plain = balanced_sample_weights(labels)
+    assert plain[labels == 1].sum() == pytest.approx(plain[labels == 0].sum(), rel=1e-5)

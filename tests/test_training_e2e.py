@@ -86,6 +86,8 @@ def test_train_export_on_real_subset(tmp_path: Path) -> None:
             "location",
             "--breakdown",
             "capture",
+            "--balance-by",
+            "capture",
             "--cv-folds",
             "2",
             "--epochs",

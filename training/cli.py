@@ -104,6 +104,12 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--min-recall", type=float, default=0.99, help="recall of the 'high_recall' operating point"
     )
+    t.add_argument(
+        "--balance-by",
+        metavar="COLUMN",
+        help="manifest column (e.g. capture) within whose values the classes are weighted "
+        "equally, so that a set-up that is mostly defect cannot become a shortcut",
+    )
     t.add_argument("--seed", type=int, default=42)
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument(

@@ -52,6 +52,7 @@ def _run_config(args: argparse.Namespace) -> RunConfig:
         val_fraction=args.val_fraction,
         min_recall=args.min_recall,
         breakdown_columns=tuple(args.breakdown),
+        balance_by=args.balance_by,
     )
 
 
@@ -86,6 +87,7 @@ def _config_dict(config: RunConfig) -> dict[str, Any]:
         "model": asdict(config.model_spec),
         "fit": asdict(config.fit),
         "val_fraction": config.val_fraction,
+        "balance_by": config.balance_by,
         "min_recall": config.min_recall,
     }
 

@@ -48,27 +48,44 @@ def augmentation(seed: int) -> keras.Sequential:
     )
 
 
-def class_weights(labels: np.ndarray) -> dict[int, float]:
-    """Balanced weights: each class contributes equally to the loss whatever its count."""
-    counts = np.bincount(labels, minlength=2).astype(np.float64)
-    return {i: float(len(labels) / (2 * c)) if c else 0.0 for i, c in enumerate(counts)}
+def balanced_sample_weights(labels: np.ndarray, strata: np.ndarray | None = None) -> np.ndarray:
+    """Per-image loss weights that balance the classes *within* each stratum.
+
+    Without strata this is the usual balanced class weighting. With strata (e.g. the capture
+    set-up), each stratum keeps its share of the total weight but its two classes weigh the same,
+    so a stratum that is mostly defect (a framing, a camera, a shift) carries no label
+    information a model could learn as a shortcut instead of the defect itself.
+    """
+    labels = np.asarray(labels)
+    strata = np.zeros(len(labels), dtype=np.int64) if strata is None else np.asarray(strata)
+    weights = np.zeros(len(labels), dtype=np.float64)
+    for value in np.unique(strata):
+        in_stratum = strata == value
+        present = np.unique(labels[in_stratum])
+        for label in present:
+            cell = in_stratum & (labels == label)
+            weights[cell] = in_stratum.sum() / (len(present) * cell.sum())
+    weights *= len(labels) / weights.sum()
+    return weights.astype(np.float32)
 
 
 def _dataset(
     images: np.ndarray,
     labels: np.ndarray,
+    weights: np.ndarray,
     batch_size: int,
     shuffle: bool,
     seed: int,
     augmenter: keras.Sequential | None,
 ) -> tf.data.Dataset:
-    ds = tf.data.Dataset.from_tensor_slices((images, labels))
+    ds = tf.data.Dataset.from_tensor_slices((images, labels, weights))
     if shuffle:
         ds = ds.shuffle(len(labels), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size).map(lambda x, y: (tf.cast(x, tf.float32), y))
+    ds = ds.batch(batch_size).map(lambda x, y, w: (tf.cast(x, tf.float32), y, w))
     if augmenter is not None:
         ds = ds.map(
-            lambda x, y: (augmenter(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE
+            lambda x, y, w: (augmenter(x, training=True), y, w),
+            num_parallel_calls=tf.data.AUTOTUNE,
         )
     return ds.prefetch(tf.data.AUTOTUNE)
 
@@ -81,6 +98,7 @@ def fit_classifier(
     input_spec: InputSpec,
     model_spec: ModelSpec,
     config: FitConfig,
+    train_strata: np.ndarray | None = None,
 ) -> tuple[keras.Model, dict[str, list[float]]]:
     """Train from scratch; keep the weights of the epoch with the lowest validation loss."""
     set_seed(config.seed)
@@ -106,10 +124,25 @@ def fit_classifier(
         encoded: np.ndarray = np.eye(2, dtype=np.float32)[y]
         return encoded
 
+    train_weights = balanced_sample_weights(train_labels, train_strata)
     train_ds = _dataset(
-        train_images, onehot(train_labels), config.batch_size, True, config.seed, augmenter
+        train_images,
+        onehot(train_labels),
+        train_weights,
+        config.batch_size,
+        True,
+        config.seed,
+        augmenter,
     )
-    val_ds = _dataset(val_images, onehot(val_labels), config.batch_size, False, config.seed, None)
+    val_ds = _dataset(
+        val_images,
+        onehot(val_labels),
+        np.ones(len(val_labels), np.float32),
+        config.batch_size,
+        False,
+        config.seed,
+        None,
+    )
     early = keras.callbacks.EarlyStopping(
         monitor="val_loss", patience=config.patience, restore_best_weights=True, verbose=0
     )
@@ -117,12 +150,10 @@ def fit_classifier(
     if config.ema:
         # Evaluate (and let early stopping judge) the averaged weights; keep them at the end.
         callbacks.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
-    weights = class_weights(train_labels)
     history = model.fit(
         train_ds,
         validation_data=val_ds,
         epochs=config.epochs,
-        class_weight=weights,
         callbacks=callbacks,
         verbose=config.verbose,
     )

@@ -40,6 +40,7 @@ class RunConfig:
     min_recall: float = 0.99
     breakdown_columns: tuple[str, ...] = ()
     default_operating_point: str = "balanced"
+    balance_by: str | None = None
 
 
 @dataclass
@@ -83,6 +84,9 @@ def train_on(data: Dataset, index: np.ndarray, config: RunConfig) -> SplitResult
         config.input_spec,
         config.model_spec,
         config.fit,
+        train_strata=(
+            np.asarray(data.columns[config.balance_by])[train_index] if config.balance_by else None
+        ),
     )
     val_logits = predict_logits(classifier, data.images[val_index])
     temperature = fit_temperature(val_logits, data.labels[val_index])
