@@ -183,6 +183,11 @@ def ratio_lines(results: dict[str, Any]) -> list[str]:
             "ceiling / naive baseline (fastest call): the most any server could",
         ),
         ("batching_on_vs_off", "batching on / batching off"),
+        (
+            "cpu_efficiency_on",
+            "CPU efficiency, batching on (ceiling CPU/image / service CPU/image)",
+        ),
+        ("cpu_efficiency_off", "CPU efficiency, batching off"),
     ):
         per_level = ratios.get(key) or {}
         if per_level:

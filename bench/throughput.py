@@ -614,6 +614,16 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, Any]:
             c: ratio(v["throughput"], off[c]["throughput"]) for c, v in on.items() if c in off
         },
         "p50_c1_minus_ceiling_single_ms": p50_gap,
+        # CPU-time efficiency: ceiling CPU per image / service CPU per image. Less sensitive to
+        # other jobs on the machine than wall-clock ratios (they take cores, not CPU-seconds).
+        "cpu_efficiency_on": {
+            c: ratio(ceiling["best"].get("cpu_ms_per_image"), v.get("server_cpu_ms_per_image"))
+            for c, v in on.items()
+        },
+        "cpu_efficiency_off": {
+            c: ratio(ceiling["best"].get("cpu_ms_per_image"), v.get("server_cpu_ms_per_image"))
+            for c, v in off.items()
+        },
         "cpu_ms_per_image": {
             "ceiling (best)": ceiling["best"].get("cpu_ms_per_image"),
             **{

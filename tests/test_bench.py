@@ -9,18 +9,13 @@ server, the ratios/targets and the Markdown/PNG output.
 from __future__ import annotations
 
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # bench/ is a folder of scripts, not part of the installed package
-    sys.path.insert(0, str(REPO))
-
-from bench import loadgen  # noqa: E402
-from bench.images import (  # noqa: E402
+from bench import loadgen
+from bench.images import (
     DEFAULT_DATA_DIR,
     DEFAULT_MIX,
     get_request,
@@ -28,10 +23,11 @@ from bench.images import (  # noqa: E402
     post_request,
     select_images,
 )
-from bench.report import BEGIN, END  # noqa: E402
-from bench.servers import HOST, running_server  # noqa: E402
-from bench.throughput import main  # noqa: E402
+from bench.report import BEGIN, END
+from bench.servers import HOST, running_server
+from bench.throughput import main
 
+REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = REPO / "models" / "ballscrew-pitting"
 
 needs_data = pytest.mark.skipif(
