@@ -624,6 +624,22 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, Any]:
             c: ratio(ceiling["best"].get("cpu_ms_per_image"), v.get("server_cpu_ms_per_image"))
             for c, v in off.items()
         },
+        # The same in CPU time against the baseline: images one CPU-second buys in the service
+        # over images it buys in the baseline, per Keras call style, at the target level.
+        "cpu_service_on_vs_each_baseline_call": {
+            call: ratio(
+                next(
+                    (
+                        level.get("server_cpu_ms_per_image")
+                        for level in data["levels"]
+                        if level["concurrency"] == TARGET_LEVEL
+                    ),
+                    None,
+                ),
+                on.get(TARGET_LEVEL, {}).get("server_cpu_ms_per_image"),
+            )
+            for call, data in results.get("baseline", {}).get("calls", {}).items()
+        },
         "cpu_ms_per_image": {
             "ceiling (best)": ceiling["best"].get("cpu_ms_per_image"),
             **{
