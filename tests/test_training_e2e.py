@@ -44,6 +44,8 @@ def _check_model_dir(out: Path, spec: InputSpec) -> dict[str, Any]:
     assert embedded["version"] == card["version"]
     assert "onnx" not in embedded  # a file cannot hold its own hash
     assert [i.name for i in proto.graph.input] == ["image"]
+    # Group norms were rewritten into onnxruntime's fast InstanceNormalization form.
+    assert "InstanceNormalization" in {node.op_type for node in proto.graph.node}
     assert sorted(o.name for o in proto.graph.output) == ["heatmap", "probabilities"]
 
     session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])

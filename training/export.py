@@ -15,6 +15,8 @@ import onnxruntime as ort
 import tensorflow as tf
 import tf2onnx
 
+from training.onnx_rewrite import rewrite_group_norms
+
 log = logging.getLogger(__name__)
 
 OPSET = 17
@@ -54,6 +56,10 @@ def convert(inference_model: keras.Model, path: Path) -> None:
         node.output[:] = [rename.get(o, o) for o in node.output]
     for output in model_proto.graph.output:
         output.name = rename[output.name]
+    rewritten, replaced = rewrite_group_norms(model_proto.SerializeToString())
+    if replaced:
+        log.info("rewrote %d group norms as InstanceNormalization", replaced)
+        model_proto = onnx.load_from_string(rewritten)
     for value in [*model_proto.graph.input, *model_proto.graph.output]:
         dims = value.type.tensor_type.shape.dim
         if dims and not dims[0].HasField("dim_value"):
