@@ -24,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import importlib.metadata
 import json
 import os
 import platform
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -727,6 +729,21 @@ def parity(service: list[Any], baseline: list[Any]) -> dict[str, Any] | None:
     }
 
 
+def snapshot_model(source: Path, target_root: Path) -> Path:
+    """Copy the model folder (ONNX, card, golden samples, Keras checkpoint) and return the copy;
+    fails if the ONNX file does not match its card (caught mid-export)."""
+    card, _ = read_card(source)
+    target = target_root / source.name
+    shutil.copytree(source, target, ignore=shutil.ignore_patterns("plots", "cv", "*.png~"))
+    digest = hashlib.sha256((target / card.onnx.file).read_bytes()).hexdigest()
+    if digest != card.onnx.sha256.lower():
+        raise SystemExit(
+            f"{source}: {card.onnx.file} does not match the card's sha256 (being re-exported?); "
+            "run the benchmark again when the model folder is complete"
+        )
+    return target
+
+
 # --- main ----------------------------------------------------------------------------------------
 
 
@@ -740,6 +757,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     logs_dir = args.logs_dir or Path(tempfile.mkdtemp(prefix="bench-logs-"))
     images = select_images(args.data)
+    # Every phase uses one private copy of the model folder: a model re-exported into models/
+    # while the benchmark runs (others work in the same tree) must not change it half-way.
+    source_dir = args.model_dir
+    args.model_dir = snapshot_model(source_dir, Path(tempfile.mkdtemp(prefix="bench-model-")))
     card, raw_card = read_card(args.model_dir)
     load: dict[str, float] = {}
     mix: dict[str, int] = {}
@@ -807,7 +828,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "name": card.name,
             "version": card.version,
             "sha256": raw_card.get("onnx", {}).get("sha256", ""),
-            "dir": str(args.model_dir),
+            "dir": str(source_dir),
             "input": f"{card.input.width}x{card.input.height} {card.input.color_mode}",
         },
         "images": {
