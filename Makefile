@@ -21,7 +21,7 @@ PYTEST_ARGS ?=
 # a grouped 5-fold cross-validation of the same recipe, then a re-export adding the CV figures.
 DATA ?= ../shared/data/ballscrew-pitting
 MODEL_OUT ?= models/ballscrew-pitting
-RECIPE ?= --group-column location --balance-by capture
+RECIPE ?= --group-column location
 SOURCE ?= ballscrew-pitting: BSData (Schlagenhauf, Landwehr, Fleischer 2021, arXiv:2103.13003), downscaled subset
 # Builds use the host's network (engines without a bridge network, see README).
 COMPOSE ?= docker compose -f docker-compose.yml -f docker-compose.build.yml
