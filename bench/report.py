@@ -375,22 +375,26 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
             linestyle=":",
             label=f"{title} p99",
         )
+    baseline_colors = {"function": "tab:green", "call": "tab:red", "predict": "tab:purple"}
     for call, data in results.get("baseline", {}).get("calls", {}).items():
         levels = data["levels"]
         xs = [level["concurrency"] for level in levels]
+        color = baseline_colors.get(call, "tab:gray")
         left.plot(
             xs,
             [lv["throughput"] for lv in levels],
             marker="^",
             linestyle="--",
-            label=f"naive Keras `{call}`",
+            color=color,
+            label=f"naive Keras {call}",
         )
         right.plot(
             xs,
             [lv["latency_ms"]["p50"] for lv in levels],
             marker="^",
             linestyle="--",
-            label=f"naive Keras `{call}` p50",
+            color=color,
+            label=f"naive Keras {call} p50",
         )
     ceiling = results["ratios"]["ceiling_images_per_s"]
     best = results["ceiling"]["best"]
@@ -410,14 +414,14 @@ def write_plot(results: dict[str, Any], path: Path) -> None:
         axis.set_xlabel("concurrent clients")
         axis.grid(True, alpha=0.3)
     left.set_ylabel("images/s")
-    left.set_ylim(bottom=0)
+    left.set_ylim(0, 1.45 * ceiling)  # headroom for the legend
     left.set_title("Throughput")
     right.set_yscale("log")
     right.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     right.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     right.set_ylabel("latency, ms (log)")
     right.set_title("Latency")
-    left.legend(fontsize=8, loc="center right")
+    left.legend(fontsize=7.5, loc="upper left", ncol=2)
     right.legend(fontsize=7, loc="upper left")
     meta = results["meta"]
     figure.suptitle(
