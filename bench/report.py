@@ -252,8 +252,6 @@ def _machine_lines(meta: dict[str, Any]) -> list[str]:
         f"- CPU: {machine['cpu_model']}; `nproc` = {machine['nproc']}, affinity "
         f"{machine['affinity_cpus']} CPUs, cgroup quota {machine['cgroup_cpu_quota'] or 'none'}, "
         f"memory {machine['memory_gib']} GiB; {machine['kernel']}",
-        "- load average (1 min) at the start of each phase: "
-        + ", ".join(f"{phase} {load}" for phase, load in meta["load_average"].items()),
         f"- versions: {versions}",
         f"- model: `{meta['model']['name']}` version {meta['model']['version']}, sha256 "
         f"`{meta['model']['sha256'][:16]}…`, input {meta['model']['input']}",
