@@ -79,3 +79,12 @@ def test_balanced_sample_weights_remove_the_stratum_shortcut() -> None:
     # Without strata: plain balanced class weights.
     plain = balanced_sample_weights(labels)
     assert plain[labels == 1].sum() == pytest.approx(plain[labels == 0].sum(), rel=1e-5)
+
+
+def test_temperature_at_its_bound_is_reported(caplog: pytest.LogCaptureFixture) -> None:
+    logits = np.stack([np.zeros(40), np.tile([5.0, -5.0], 20)], axis=1)
+    labels = np.tile([0, 1], 20)  # logits rank the classes exactly the wrong way round
+    with caplog.at_level("WARNING"):
+        temperature = fit_temperature(logits, labels)
+    assert temperature > 99
+    assert "hit its bound" in caplog.text

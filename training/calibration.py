@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
+
+log = logging.getLogger(__name__)
+MIN_TEMPERATURE = 0.05
+MAX_TEMPERATURE = 100.0
 
 
 class CalibrationError(ValueError):
@@ -23,8 +28,20 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         logp = log_softmax(logits / np.exp(log_t), axis=1)
         return float(-logp[np.arange(len(labels)), labels].mean())
 
-    result = minimize_scalar(nll, bounds=(np.log(0.05), np.log(100.0)), method="bounded")
-    return float(np.exp(result.x))
+    low, high = np.log(MIN_TEMPERATURE), np.log(MAX_TEMPERATURE)
+    result = minimize_scalar(nll, bounds=(low, high), method="bounded")
+    temperature = float(np.exp(result.x))
+    if not MIN_TEMPERATURE * 1.01 < temperature < MAX_TEMPERATURE * 0.99:
+        # At a bound the validation logits carried (almost) no ranking signal: the probabilities
+        # become flat or saturated and mean little. Say so instead of shipping it silently.
+        log.warning(
+            "temperature %.3g hit its bound [%g, %g]: the validation logits barely separate the "
+            "classes; calibration and thresholds from this split are unreliable",
+            temperature,
+            MIN_TEMPERATURE,
+            MAX_TEMPERATURE,
+        )
+    return temperature
 
 
 def calibrated_probabilities(logits: np.ndarray, temperature: float) -> np.ndarray:

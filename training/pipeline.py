@@ -152,11 +152,12 @@ def cross_validate(data: Dataset, folds: int, config: RunConfig, out_dir: Path) 
         keras.backend.clear_session()
     aucs = [f["test"]["roc_auc"] for f in fold_reports if f["test"]["roc_auc"] is not None]
     # Each image judged at its own fold's threshold: exactly what deployment of that fold would do.
+    pooled = binary_metrics(data.labels, oof, 0.5)
     decided = (oof >= oof_threshold).astype(np.float64)
     pooled_at_point = binary_metrics(data.labels, decided, 0.5)
     pooled_at_point.update(
-        roc_auc=binary_metrics(data.labels, oof, 0.5)["roc_auc"],
-        pr_auc=binary_metrics(data.labels, oof, 0.5)["pr_auc"],
+        roc_auc=pooled["roc_auc"],
+        pr_auc=pooled["pr_auc"],
         brier=None,
         ece=None,
         threshold=f"per-fold '{point}' threshold",
@@ -166,7 +167,7 @@ def cross_validate(data: Dataset, folds: int, config: RunConfig, out_dir: Path) 
         "mean_roc_auc": float(np.mean(aucs)) if aucs else None,
         "min_roc_auc": float(np.min(aucs)) if aucs else None,
         "pooled_out_of_fold": {
-            "at_0.5": binary_metrics(data.labels, oof, 0.5),
+            "at_0.5": pooled,
             f"at_{point}": pooled_at_point,
         },
         "breakdown": breakdown(data.labels, oof, 0.5, data.columns, config.breakdown_columns),
