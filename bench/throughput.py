@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
-import importlib.metadata
 import json
 import os
 import platform
@@ -47,6 +46,7 @@ from bench.ceiling import measure_ceiling, recheck_best
 from bench.images import BenchImage, get_request, multipart_body, post_request, select_images
 from bench.report import text_report, write_markdown, write_plot
 from bench.servers import HOST, ServerProcess, running_server, system_busy_seconds
+from training.card import package_versions as installed_versions
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = REPO / "models" / "ballscrew-pitting"
@@ -251,13 +251,7 @@ def machine_facts() -> dict[str, Any]:
 
 
 def package_versions() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in VERSION_PACKAGES:
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            continue
-    return versions
+    return {"python": platform.python_version(), **installed_versions(VERSION_PACKAGES)}
 
 
 def git_describe() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import shutil
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -17,17 +18,20 @@ SCHEMA_VERSION = 1
 GOLDEN_TOLERANCE = 1e-4
 
 
-def package_versions() -> dict[str, str]:
-    names = [
-        "tensorflow-cpu",
-        "tensorflow",
-        "keras",
-        "tf2onnx",
-        "onnx",
-        "onnxruntime",
-        "pillow",
-        "numpy",
-    ]
+TRAINING_PACKAGES = (
+    "tensorflow-cpu",
+    "tensorflow",
+    "keras",
+    "tf2onnx",
+    "onnx",
+    "onnxruntime",
+    "pillow",
+    "numpy",
+)
+
+
+def package_versions(names: Sequence[str] = TRAINING_PACKAGES) -> dict[str, str]:
+    """Installed versions of ``names``; packages that are not installed are left out."""
     versions: dict[str, str] = {}
     for name in names:
         try:
