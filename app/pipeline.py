@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import math
-from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -33,7 +35,11 @@ from app.heatmap import render_overlay, summarize_heatmap
 from app.inputs import PreparedImage, prepare_image
 from app.metrics import ServiceMetrics
 from app.onnx_model import ModelOutput, OnnxModel
+from app.preprocessing import enable_block_cache
 from app.settings import Settings
+from app.worker_pool import WorkerPool
+
+T = TypeVar("T")
 
 Reservation = (
     BatcherReservation[np.ndarray, ModelOutput] | DirectReservation[np.ndarray, ModelOutput]
@@ -64,10 +70,10 @@ class InferencePipeline:
         self._class_names = list(model.card.class_names)
         self.decode_threads = settings.decode_threads or available_cpus()
         # A dedicated pool (not the shared anyio/Starlette one): its size *is* the decode
-        # concurrency, with less per-call overhead on the event loop than a limiter.
-        self._decode_pool = ThreadPoolExecutor(
-            max_workers=self.decode_threads, thread_name_prefix="decode"
-        )
+        # concurrency, and a job costs the event loop one queue put.
+        self._workers = WorkerPool(self.decode_threads, name="decode")
+        # An image in flight holds about three buffers (decoded, converted, resized).
+        enable_block_cache(4 * self.decode_threads)
         self.executor: (
             MicroBatcher[np.ndarray, ModelOutput] | DirectExecutor[np.ndarray, ModelOutput]
         )
@@ -92,7 +98,7 @@ class InferencePipeline:
 
     def close(self) -> None:
         self.executor.close()
-        self._decode_pool.shutdown(wait=True, cancel_futures=True)
+        self._workers.shutdown()
 
     def resolve_options(
         self, threshold: float | None, operating_point: str | None, heatmap: bool
@@ -137,32 +143,49 @@ class InferencePipeline:
             raise ApiError(503, "not_ready", str(exc)) from exc
         return reservation
 
-    def _prepare_and_submit(
-        self, data: bytes, reservation: Reservation, keep_image: bool
-    ) -> tuple[PreparedImage, Future[Completed[ModelOutput]]]:
-        """Worker thread: decode, preprocess, and queue the tensor for the model."""
-        prepared = prepare_image(
-            data, self._spec, max_pixels=self.settings.max_image_pixels, keep_image=keep_image
-        )
-        return prepared, reservation.submit(prepared.tensor)
+    def _decode_and_submit(
+        self,
+        data: bytes,
+        reservation: Reservation,
+        keep_image: bool,
+        loop: asyncio.AbstractEventLoop,
+        waiter: asyncio.Future[tuple[PreparedImage, Completed[ModelOutput]]],
+    ) -> None:
+        """Worker thread: decode, preprocess, queue the tensor for the model, and have the
+        model's completion wake the event loop once (no second hop back to the loop)."""
+        if waiter.cancelled():  # the request is gone; its slot was released by the route
+            return
+        try:
+            prepared = prepare_image(
+                data, self._spec, max_pixels=self.settings.max_image_pixels, keep_image=keep_image
+            )
+            future = reservation.submit(prepared.tensor)
+        except BaseException as exc:
+            reservation.release(1)  # the batcher stops waiting for this image at once
+            _call_soon(loop, _settle_error, waiter, exc)
+            return
+        future.add_done_callback(partial(_wake_loop, loop, waiter, prepared))
+
+    async def _in_pool(self, function: Callable[..., T], *args: Any) -> T:
+        """Run ``function(*args)`` on a worker thread; one loop wake-up for the result."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[T] = loop.create_future()
+        self._workers.submit(_call_and_report, loop, waiter, function, args)
+        return await waiter
 
     async def predict(
         self, data: bytes, reservation: Reservation, options: PredictOptions
     ) -> dict[str, Any]:
-        """One image's result; raises ``ImageError`` for bad input (one slot is given back)."""
+        """One image's result; raises ``ImageError`` for bad input (its slot is given back)."""
         loop = asyncio.get_running_loop()
-        try:
-            prepared, future = await loop.run_in_executor(
-                self._decode_pool, self._prepare_and_submit, data, reservation, options.heatmap
-            )
-        except BaseException:
-            reservation.release(1)
-            raise
-        completed = await asyncio.wrap_future(future)
+        waiter: asyncio.Future[tuple[PreparedImage, Completed[ModelOutput]]] = loop.create_future()
+        self._workers.submit(
+            self._decode_and_submit, data, reservation, options.heatmap, loop, waiter
+        )
+        prepared, completed = await waiter
         result = self._result(prepared, completed, options.threshold)
         if options.heatmap:
-            result["heatmap"] = await loop.run_in_executor(
-                self._decode_pool,
+            result["heatmap"] = await self._in_pool(
                 self._heatmap,
                 prepared,
                 completed.value.heatmap,
@@ -225,3 +248,67 @@ class InferencePipeline:
             "overlay_width": width,
             "overlay_height": height,
         }
+
+
+# Loop-side helpers: called through ``call_soon_threadsafe`` from worker threads. A waiter that
+# is already done (its request was cancelled) is left alone.
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any) -> None:
+    """``call_soon_threadsafe`` that tolerates a loop already closed (shutdown)."""
+    with contextlib.suppress(RuntimeError):
+        loop.call_soon_threadsafe(callback, *args)
+
+
+def _settle_error(waiter: asyncio.Future[Any], exc: BaseException) -> None:
+    if not waiter.done():
+        waiter.set_exception(exc)
+
+
+def _settle_result(waiter: asyncio.Future[Any], value: Any) -> None:
+    if not waiter.done():
+        waiter.set_result(value)
+
+
+def _settle_completed(
+    waiter: asyncio.Future[tuple[PreparedImage, Completed[ModelOutput]]],
+    prepared: PreparedImage,
+    future: Future[Completed[ModelOutput]],
+) -> None:
+    if waiter.done():
+        return
+    if future.cancelled():
+        waiter.cancel()
+        return
+    exc = future.exception()
+    if exc is not None:
+        waiter.set_exception(exc)
+    else:
+        waiter.set_result((prepared, future.result()))
+
+
+def _wake_loop(
+    loop: asyncio.AbstractEventLoop,
+    waiter: asyncio.Future[tuple[PreparedImage, Completed[ModelOutput]]],
+    prepared: PreparedImage,
+    future: Future[Completed[ModelOutput]],
+) -> None:
+    """Model thread (or the worker, without batching): hand the finished item to the loop."""
+    _call_soon(loop, _settle_completed, waiter, prepared, future)
+
+
+def _call_and_report(
+    loop: asyncio.AbstractEventLoop,
+    waiter: asyncio.Future[T],
+    function: Callable[..., T],
+    args: tuple[Any, ...],
+) -> None:
+    """Worker thread: run ``function`` and report its result or error to ``waiter``."""
+    if waiter.cancelled():
+        return
+    try:
+        value = function(*args)
+    except BaseException as exc:
+        _call_soon(loop, _settle_error, waiter, exc)
+        return
+    _call_soon(loop, _settle_result, waiter, value)

@@ -91,7 +91,7 @@ class Settings(BaseSettings):
     batch_autotune: bool = Field(
         default=True,
         description="At start-up, time the model at batch sizes up to max_batch_size and cap "
-        "batches at the smallest size within 5% of the best images/s.",
+        "batches at the smallest size within 10% of the best images/s.",
     )
     max_batch_wait_ms: float = Field(
         default=5.0, ge=0, le=1000, description="Longest wait for batch-mates still being decoded."

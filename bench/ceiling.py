@@ -6,7 +6,8 @@ hardware allows with the service's own resources:
 * the same ONNX file, the same ``SessionOptions`` (``app.onnx_model.session_options``) and the
   same thread plan as the service: intra-op threads per run, parallel model runs (workers),
   decode threads;
-* the same decoding and preprocessing code (``app.preprocessing.preprocess_bytes``);
+* the same decoding and preprocessing code (``app.preprocessing.preprocess_bytes``), with the
+  same Pillow block cache the service enables;
 * three schedules, and the best one counts: *sequential* (one thread decodes a batch, then runs
   it), *pipelined* (``decode_threads`` threads decode ahead while ``workers`` threads run the
   model: what the service's micro-batcher does) and *parallel* (threads that each decode and
@@ -35,7 +36,7 @@ import onnxruntime as ort
 
 from app.model_card import ModelCard, read_card
 from app.onnx_model import session_options
-from app.preprocessing import preprocess_bytes
+from app.preprocessing import enable_block_cache, preprocess_bytes
 from bench.loadgen import percentiles_ms
 from bench.servers import system_busy_seconds
 
@@ -103,6 +104,7 @@ class Ceiling:
         self.workers = workers
         self.decode_threads = decode_threads
         self.spec = model.card.input_spec
+        enable_block_cache(4 * decode_threads)  # as the service does
         shape = (max_batch, self.spec.height, self.spec.width, self.spec.channels)
         self.buffer = np.empty(shape, dtype=np.float32)
 

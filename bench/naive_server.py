@@ -30,7 +30,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 from fastapi import FastAPI, File, HTTPException, UploadFile
 
-from app.preprocessing import ImageError, InputSpec, preprocess_bytes
+from app.preprocessing import ImageError, InputSpec, enable_block_cache, preprocess_bytes
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL_DIR = REPO / "models" / "ballscrew-pitting"
@@ -57,6 +57,7 @@ def create_app() -> FastAPI:
         height=card["input"]["height"],
         color_mode=card["input"]["color_mode"],
     )
+    enable_block_cache(8)  # the service's Pillow setting: the comparison is about serving
     class_names: list[str] = card["class_names"]
     defect_index = class_names.index(card["defect_class"])
     other_index = next(i for i in range(len(class_names)) if i != defect_index)

@@ -266,6 +266,7 @@ def test_choose_batch_size_prefers_the_smallest_that_is_nearly_as_fast() -> None
     assert choose_batch_size({1: 80.0, 2: 79.0, 4: 78.0, 8: 70.0}) == 1  # a busy CPU
     assert choose_batch_size({1: 100.0, 2: 190.0, 4: 350.0, 8: 600.0}) == 8  # a GPU
     assert choose_batch_size({1: 100.0, 2: 150.0, 4: 154.0, 8: 155.0}) == 2
+    assert choose_batch_size({1: 100.0, 2: 108.0, 4: 96.0}) == 1  # 8 % does not pay for waiting
 
 
 def test_candidate_batch_sizes() -> None:
