@@ -2,9 +2,14 @@
 
 Why not FastAPI's ``UploadFile`` parameters: per request they cost about twice the CPU of this
 reader (annotation introspection, spooled temporary files, form structures), all of it on the
-event loop, which on a 2-core machine is throughput taken from decoding and inference. This
-uses the same parser (python-multipart) and streams the body through it as it arrives, keeping
-each part in memory; the body size is already bounded by ``BodySizeLimitMiddleware``.
+event loop, which on a 2-core machine is throughput taken from decoding and inference.
+
+The body is collected (its size is already bounded by ``BodySizeLimitMiddleware``) and split
+by a strict one-pass parser built on ``bytes.find`` for what clients actually send: a complete
+body with named parts. It costs ~5 us instead of ~80 us for a 20 kB photo through
+python-multipart's callback parser. Anything it does not fully recognise (preamble, parts
+without headers, odd header lines, truncation) goes to python-multipart, which decides: so the
+fast path can only be faster, never more lenient.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ if TYPE_CHECKING:  # a typing-only name in python-multipart
     from python_multipart.multipart import MultipartCallbacks
 
 MAX_PART_HEADER_BYTES = 16 * 1024
+# RFC 9110 token characters: what a header name may consist of.
+_TOKEN_CHARS = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
 @dataclass(slots=True)
@@ -96,6 +103,29 @@ async def read_parts(
     if not boundary:
         raise _bad_body("no boundary in the Content-Type header")
 
+    chunks: list[bytes] = []
+    try:
+        async for chunk in request.stream():
+            chunks.append(chunk)
+    except ClientDisconnect as exc:
+        raise _bad_body("the client disconnected before the body was complete") from exc
+    body = b"".join(chunks)
+    del chunks
+    return split_body(body, boundary, max_parts=max_parts, max_files=max_files)
+
+
+def split_body(body: bytes, boundary: bytes, *, max_parts: int, max_files: int) -> list[Part]:
+    """All parts of a complete body: the fast path when it applies, else python-multipart."""
+    simple = split_simple_body(body, boundary, max_parts=max_parts, max_files=max_files)
+    if simple is not None:
+        return simple
+    return split_with_parser(body, boundary, max_parts=max_parts, max_files=max_files)
+
+
+def split_with_parser(
+    body: bytes, boundary: bytes, *, max_parts: int, max_files: int
+) -> list[Part]:
+    """python-multipart's parser: the reference for every body the fast path declines."""
     parts: list[Part] = []
     current = _PartBuilder()
     finished = False
@@ -125,24 +155,10 @@ async def read_parts(
     def on_part_end() -> None:
         if len(parts) >= max_parts:  # stop early: never hold more parts than can be used
             raise TooManyFilesError(max_files, None)
-        disposition: dict[bytes, bytes] = {}
-        content_type_value = None
-        for name, value in current.headers:
-            if name == b"content-disposition":
-                _, disposition = parse_options_header(value)
-            elif name == b"content-type":
-                content_type_value = _text(value)
-        field_name = _text(disposition.get(b"name"))
-        if field_name is None:
+        part = _make_part(current.headers, bytes(current.data))
+        if part is None:
             raise _bad_body("a part has no Content-Disposition name")
-        parts.append(
-            Part(
-                name=field_name,
-                filename=_text(disposition.get(b"filename")),
-                content_type=content_type_value,
-                data=bytes(current.data),
-            )
-        )
+        parts.append(part)
 
     def on_end() -> None:
         nonlocal finished
@@ -159,17 +175,77 @@ async def read_parts(
     }
     parser = MultipartParser(boundary, callbacks)
     try:
-        async for chunk in request.stream():
-            if chunk:
-                parser.write(chunk)
+        parser.write(body)
         parser.finalize()
     except FormParserError as exc:
         raise _bad_body(str(exc)) from exc
-    except ClientDisconnect as exc:
-        raise _bad_body("the client disconnected before the body was complete") from exc
     if not finished:
         raise _bad_body("truncated (no closing boundary)")
     return parts
+
+
+def _make_part(headers: list[tuple[bytes, bytes]], data: bytes) -> Part | None:
+    disposition: dict[bytes, bytes] = {}
+    content_type = None
+    for name, value in headers:
+        if name == b"content-disposition":
+            _, disposition = parse_options_header(value)
+        elif name == b"content-type":
+            content_type = _text(value)
+    field_name = _text(disposition.get(b"name"))
+    if field_name is None:
+        return None
+    return Part(
+        name=field_name,
+        filename=_text(disposition.get(b"filename")),
+        content_type=content_type,
+        data=data,
+    )
+
+
+def split_simple_body(
+    body: bytes, boundary: bytes, *, max_parts: int, max_files: int
+) -> list[Part] | None:
+    """The parts of a plain, complete multipart body, or None for anything else.
+
+    Plain means: the body starts with the first delimiter (no preamble), every part has
+    ``Name: value`` header lines, a blank line and its data, and the close delimiter ends it
+    (an epilogue after it is ignored, as RFC 2046 says).
+    """
+    delimiter = b"--" + boundary
+    separator = b"\r\n" + delimiter
+    if not body.startswith(delimiter + b"\r\n"):
+        return None
+    parts: list[Part] = []
+    position = len(delimiter) + 2
+    while True:
+        if body.startswith(b"\r\n", position):  # a part without headers
+            return None
+        header_end = body.find(b"\r\n\r\n", position, position + MAX_PART_HEADER_BYTES)
+        if header_end < 0 or body.find(separator, position, header_end) >= 0:
+            return None
+        headers: list[tuple[bytes, bytes]] = []
+        for line in body[position:header_end].split(b"\r\n"):
+            name, colon, value = line.partition(b":")
+            if not colon or not name or name.translate(None, _TOKEN_CHARS) or b"\r" in value:
+                return None
+            headers.append((name.lower(), value.lstrip(b" ")))  # as python-multipart does
+        data_end = body.find(separator, header_end + 4)
+        if data_end < 0:
+            return None
+        after = data_end + len(separator)
+        last = body.startswith(b"--", after)
+        if not last and not body.startswith(b"\r\n", after):
+            return None
+        part = _make_part(headers, body[header_end + 4 : data_end])
+        if part is None:
+            return None
+        if len(parts) >= max_parts:
+            raise TooManyFilesError(max_files, None)
+        parts.append(part)
+        if last:
+            return parts
+        position = after + 2
 
 
 async def read_files(request: Request, field_name: str, *, max_files: int) -> list[Part]:
