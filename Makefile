@@ -31,7 +31,7 @@ BASE_IMAGE ?= python:3.11-slim
 MYPY_PATHS = $(foreach d,app training tests bench,$(if $(wildcard $(d)/*.py),$(d)))
 
 
-.PHONY: help venv serve test lint train docker-build docker-build-gpu docker-train up down logs image-size clean
+.PHONY: help venv serve test lint train bench docker-build docker-build-gpu docker-train up down logs image-size clean
 
 help: ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-17s %s\n", $$1, $$2}'
@@ -84,6 +84,9 @@ train: $(VENV)/.dev.stamp ## reproduce the shipped model: fit, grouped 5-fold CV
 	$(BIN)/python -m training evaluate --data $(DATA) --out $(MODEL_OUT)/cv $(RECIPE) \
 		--breakdown capture --cv-folds 5
 	$(BIN)/python -m training export --model-dir $(MODEL_OUT) --cv-report $(MODEL_OUT)/cv/report.json
+
+bench: $(VENV)/.dev.stamp ## throughput: service vs onnxruntime ceiling vs naive Keras, one run (~4 min, idle machine)
+	$(BIN)/python -m bench.throughput
 
 # --- containers ---------------------------------------------------------------------------------
 

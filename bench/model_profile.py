@@ -1,6 +1,6 @@
 """Where the model's time goes, per ONNX operator, and what a leaner group norm would give.
 
-    /work/venv/bin/python -m bench.model_profile [--model-dir DIR] [--threads 1]
+    .venv/bin/python -m bench.model_profile [--model-dir DIR] [--threads 1]
 
 1. onnxruntime's own profiler on real images: milliseconds per run by operator type and the
    slowest nodes. On the shipped model most of the time is not in the convolutions but in the

@@ -1,6 +1,6 @@
 """Where the service's CPU goes under load: py-spy samples of a real server, summarised.
 
-    /work/venv/bin/python -m bench.profile_service --concurrency 32 --seconds 8 [--batching off]
+    .venv/bin/python -m bench.profile_service --concurrency 32 --seconds 8 [--batching off]
 
 Starts the service (as the throughput benchmark does), drives it with the same client at one
 concurrency level, and samples it with ``py-spy record`` twice: all on-CPU stacks, then only

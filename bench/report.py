@@ -90,6 +90,12 @@ SERVICE_HEADER = [
 ]
 
 
+def _verdict(met: bool | None) -> str:
+    if met is None:
+        return "reference"
+    return "**met**" if met else "**missed**"
+
+
 def baseline_rows(results: dict[str, Any]) -> list[list[str]]:
     rows = []
     service = {
@@ -169,7 +175,7 @@ CEILING_HEADER = [
 
 def target_rows(results: dict[str, Any]) -> list[list[str]]:
     return [
-        [item["name"], item["target"], item["measured"], "**met**" if item["met"] else "**missed**"]
+        [item["name"], item["target"], item["measured"], _verdict(item["met"])]
         for item in results["targets"]
     ]
 
@@ -183,11 +189,11 @@ def ratio_lines(results: dict[str, Any]) -> list[str]:
     for key, label in (
         ("service_on_vs_ceiling", "service (batching on) / ceiling"),
         ("service_off_vs_ceiling", "service (batching off) / ceiling"),
-        ("service_on_vs_baseline", "service (batching on) / naive baseline (fastest call)"),
-        ("service_off_vs_baseline", "service (batching off) / naive baseline (fastest call)"),
+        ("service_on_vs_baseline", "service (batching on) / naive baseline (model(x)/predict)"),
+        ("service_off_vs_baseline", "service (batching off) / naive baseline (model(x)/predict)"),
         (
             "ceiling_vs_baseline",
-            "ceiling / naive baseline (fastest call): the most any server could",
+            "ceiling / naive baseline (model(x)/predict): the most any server could",
         ),
         ("batching_on_vs_off", "batching on / batching off"),
         (

@@ -1,7 +1,7 @@
 """Throughput benchmark: the service against its ceiling and the naive Keras baseline, one run.
 
-    /work/venv/bin/python -m bench.throughput            # full run (a few minutes)
-    /work/venv/bin/python -m bench.throughput --quick    # seconds: checks the machinery only
+    .venv/bin/python -m bench.throughput            # full run (a few minutes)
+    .venv/bin/python -m bench.throughput --quick    # seconds: checks the machinery only
 
 Phases (sequential, so nothing else of ours competes for the CPU):
 
@@ -74,6 +74,12 @@ TARGET_BASELINE_FACTOR = 6.0
 TARGET_P50_GAP_MS = 2.0
 TARGET_HEALTH_P99_MS = 50.0
 TARGET_LEVEL = 32
+# The issue's naive baseline is "what the classic tutorial stack does": a FastAPI endpoint
+# calling ``model.predict(x)`` or ``model(x)`` per request; its target counts the faster of the
+# two. ``tf.function`` (a compiled graph) is not that stack: it is measured and reported as a
+# stronger reference, without a target.
+NAIVE_CALLS = ("call", "predict")
+COMPILED_CALL = "function"
 
 
 def _ints(text: str) -> list[int]:
@@ -542,10 +548,14 @@ def _by_level(levels: Sequence[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     return {level["concurrency"]: level for level in levels}
 
 
-def fastest_baseline(baseline: dict[str, Any]) -> dict[int, dict[str, Any]]:
-    """Per level, the baseline call style with the highest throughput."""
+def fastest_baseline(
+    baseline: dict[str, Any], calls: Sequence[str] = NAIVE_CALLS
+) -> dict[int, dict[str, Any]]:
+    """Per level, the naive call style (of ``calls``) with the highest throughput."""
     best: dict[int, dict[str, Any]] = {}
     for call, data in baseline.get("calls", {}).items():
+        if call not in calls:
+            continue
         for level in data["levels"]:
             current = best.get(level["concurrency"])
             if current is None or level["throughput"] > current["throughput"]:
@@ -672,11 +682,25 @@ def evaluate_targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         factor = ratios[f"service_{label}_vs_baseline"].get(TARGET_LEVEL)
         call = ratios["baseline_fastest_call"].get(TARGET_LEVEL)
         add(
-            f"service (batching {label}) at c={TARGET_LEVEL} vs naive baseline ({call})",
+            f"service (batching {label}) at c={TARGET_LEVEL} vs naive baseline "
+            f"(fastest of {'/'.join(NAIVE_CALLS)}: {call})",
             f">= {TARGET_BASELINE_FACTOR:.0f}x",
             "-" if factor is None else f"{factor:.1f}x",
             None if factor is None else factor >= TARGET_BASELINE_FACTOR,
         )
+        if label == "on":
+            compiled = (ratios.get("service_on_vs_each_baseline_call") or {}).get(COMPILED_CALL)
+            value = (compiled or {}).get(TARGET_LEVEL)
+            if value is not None:
+                targets.append(
+                    {
+                        "name": f"service (batching on) at c={TARGET_LEVEL} vs compiled Keras "
+                        "(tf.function), not the naive stack",
+                        "target": "reference only",
+                        "measured": f"{value:.1f}x",
+                        "met": None,
+                    }
+                )
         gap = ratios["p50_c1_minus_ceiling_single_ms"].get(key)
         add(
             f"service (batching {label}) p50 at c=1 minus ceiling single-image p50",
