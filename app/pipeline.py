@@ -182,7 +182,10 @@ class InferencePipeline:
         self._workers.submit(
             self._decode_and_submit, data, reservation, options.heatmap, loop, waiter
         )
-        prepared, completed = await waiter
+        try:
+            prepared, completed = await waiter
+        except BatcherClosedError as exc:  # shutting down while this image was decoding
+            raise ApiError(503, "not_ready", str(exc)) from exc
         result = self._result(prepared, completed, options.threshold)
         if options.heatmap:
             result["heatmap"] = await self._in_pool(

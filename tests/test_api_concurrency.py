@@ -112,3 +112,23 @@ async def test_a_client_that_goes_away_does_not_leak_capacity(
         monkeypatch.undo()
         response = await client.post("/predict", files=files)
         assert response.status_code == 200
+
+
+async def test_shutdown_while_an_image_decodes_is_503_not_500(
+    app_client: AppClientFactory, images: list[FixtureImage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with app_client(raise_app_exceptions=False) as client:
+        pipeline = client.app.state.service.pipeline
+        real_prepare = app.inputs.prepare_image
+
+        def prepare_then_close(*args: Any, **kwargs: Any) -> Any:
+            prepared = real_prepare(*args, **kwargs)
+            pipeline.executor.close()  # the batcher stops before this image reaches it
+            return prepared
+
+        monkeypatch.setattr("app.pipeline.prepare_image", prepare_then_close)
+        response = await client.post(
+            "/predict", files={"file": ("x.jpg", images[0].data, "image/jpeg")}
+        )
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "not_ready"
