@@ -159,3 +159,23 @@ def test_whole_benchmark_runs_with_tiny_counts(tmp_path: Path) -> None:
     assert "old" not in text
     assert "### Service" in text
     assert (tmp_path / "benchmark.png").stat().st_size > 10_000
+
+
+@needs_data
+def test_quantization_probe_scores_every_variant(tmp_path: Path) -> None:
+    from bench.quantization import VARIANTS
+    from bench.quantization import main as quantization_main
+
+    out = tmp_path / "quantization.json"
+    assert quantization_main(["--calibration-images", "16", "--runs", "3", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    variants = report["variants"]
+    assert [row["variant"] for row in variants] == ["fp32 (shipped)", *VARIANTS]
+    assert report["validation_images"] > 100
+    for row in variants:
+        assert 0.5 < row["roc_auc"] <= 1.0
+        assert row["ms_p50"] > 0
+    for row in variants[1:]:
+        assert row["pays"] == (
+            row["ms_p50"] < variants[0]["ms_p50"] and row["auc_change"] >= -0.005
+        )
