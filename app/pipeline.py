@@ -1,9 +1,10 @@
 """The request path from uploaded bytes to a verdict, shared by /predict and /predict/batch.
 
-Per image: admission (a batcher slot, or 503) -> decode + preprocess in a worker thread, which
-also hands the tensor to the batcher (one thread hop, no extra copy) -> await the result on the
-event loop without holding a thread -> build a plain dict (serialised once, by the route).
-The event loop never decodes, resizes, runs the model or encodes a PNG.
+Per image: admission (a batcher slot, or 503) -> one queue put to a decode thread, which
+decodes, preprocesses and hands the tensor to the batcher (no extra copy) -> the model run's
+completion wakes the event loop once, resolving the request's asyncio future -> build a plain
+dict (serialised once, by the route). The event loop never decodes, resizes, runs the model or
+encodes a PNG, and never holds a thread while it waits.
 """
 
 from __future__ import annotations
