@@ -156,6 +156,7 @@ def fit_classifier(
         epochs=config.epochs,
         callbacks=callbacks,
         verbose=config.verbose,
+        shuffle=False,  # the tf.data pipeline shuffles; Keras would ignore (and warn about) True
     )
     return model, {k: [float(v) for v in vals] for k, vals in history.history.items()}
 
