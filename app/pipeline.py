@@ -98,8 +98,10 @@ class InferencePipeline:
         }
 
     def close(self) -> None:
-        self.executor.close()
+        """Drain the decode queue into the batcher first, then let the batcher finish what it
+        holds: images already accepted are answered, not dropped."""
         self._workers.shutdown()
+        self.executor.close()
 
     def resolve_options(
         self, threshold: float | None, operating_point: str | None, heatmap: bool

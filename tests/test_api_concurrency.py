@@ -132,3 +132,22 @@ async def test_shutdown_while_an_image_decodes_is_503_not_500(
         )
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "not_ready"
+
+
+async def test_closing_the_pipeline_answers_every_accepted_image(
+    app_client: AppClientFactory, images: list[FixtureImage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutdown drains the decode queue into the batcher before the batcher stops."""
+    async with app_client(decode_threads=1) as client:
+        slow_down(monkeypatch)
+        pipeline = client.app.state.service.pipeline
+        files = {"file": ("x.jpg", images[0].data, "image/jpeg")}
+        pending = [asyncio.create_task(client.post("/predict", files=files)) for _ in range(4)]
+        for _ in range(200):  # all four admitted: one decoding, three queued behind it
+            if pipeline.executor.pending == 4:
+                break
+            await asyncio.sleep(0.005)
+        assert pipeline.executor.pending == 4
+        await asyncio.to_thread(pipeline.close)
+        responses = await asyncio.gather(*pending)
+    assert [response.status_code for response in responses] == [200] * 4
