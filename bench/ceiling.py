@@ -314,6 +314,17 @@ def measure_ceiling(
     }
 
 
+def single_image_latency_now(
+    model_dir: Path, images: Sequence[bytes], *, threads: int, total: int
+) -> dict[str, Any]:
+    """The ceiling's single-image latency measured again (next to the service's c=1 level, so
+    the two are compared at the same moment on a machine whose speed drifts)."""
+    model = load_ceiling_model(model_dir, threads)
+    ceiling = Ceiling(model, images, workers=1, decode_threads=1, max_batch=1)
+    ceiling.warm_up([1])
+    return ceiling.single_image_latency(total)
+
+
 def recheck_best(
     model_dir: Path,
     images: Sequence[bytes],

@@ -221,11 +221,16 @@ def ratio_lines(results: dict[str, Any]) -> list[str]:
         cells = ", ".join(f"c={c}: {_ratio(v)}" for c, v in per_level.items())
         lines.append(f"- service (batching on) / Keras `{call}`: {cells}")
     single = ratios.get("p50_c1_minus_ceiling_single_ms") or {}
+    floors = ratios.get("ceiling_single_image_p50_ms_next_to_c1") or {}
     if single:
-        cells = ", ".join(f"{mode}: {_fmt(v, 2)} ms" for mode, v in single.items())
+        cells = ", ".join(
+            f"{mode}: {_fmt(v, 2)} ms (floor {_fmt(floors.get(mode), 2)} ms)"
+            for mode, v in single.items()
+        )
         lines.append(
-            f"- p50 at concurrency 1 minus the ceiling's single-image p50 "
-            f"({_fmt(ratios.get('ceiling_single_image_p50_ms'), 2)} ms): {cells}"
+            f"- p50 at concurrency 1 minus the ceiling's single-image p50, measured right after "
+            f"each c=1 level (at the start of the run: "
+            f"{_fmt(ratios.get('ceiling_single_image_p50_ms'), 2)} ms): {cells}"
         )
     return lines
 

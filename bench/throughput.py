@@ -42,7 +42,7 @@ from typing import Any
 from app.cpu_budget import available_cpus, cgroup_cpu_limit, plan_threads
 from app.model_card import read_card
 from bench import loadgen
-from bench.ceiling import measure_ceiling, recheck_best
+from bench.ceiling import measure_ceiling, recheck_best, single_image_latency_now
 from bench.images import BenchImage, get_request, multipart_body, post_request, select_images
 from bench.report import text_report, write_markdown, write_plot
 from bench.servers import HOST, ServerProcess, running_server, system_busy_seconds
@@ -441,18 +441,32 @@ def run_service(
         requests = [
             post_request("/predict", HOST, server.port, multipart_body(image)) for image in images
         ]
-        levels = drive_levels(
-            server,
-            requests,
-            args.levels,
-            lambda c: args.requests_c1 if c == 1 else args.requests,
-            args.max_seconds,
-            args.warmup,
-            health_at=max(args.levels),
-            health_interval_s=args.health_interval_ms / 1000,
-            metrics=True,
-            log=log,
-        )
+        levels: list[dict[str, Any]] = []
+        adjacent: dict[str, Any] | None = None
+        for group in ([c for c in args.levels if c == 1], [c for c in args.levels if c != 1]):
+            if not group:
+                continue
+            levels += drive_levels(
+                server,
+                requests,
+                group,
+                lambda c: args.requests_c1 if c == 1 else args.requests,
+                args.max_seconds,
+                args.warmup,
+                health_at=max(args.levels),
+                health_interval_s=args.health_interval_ms / 1000,
+                metrics=True,
+                log=log,
+            )
+            if group == [1]:
+                # The c=1 target compares latencies: measure the in-process floor again now.
+                adjacent = single_image_latency_now(
+                    args.model_dir,
+                    [image.data for image in images],
+                    threads=args.threads,
+                    total=args.latency_images,
+                )
+                log(f"  ceiling single image right after c=1: p50 {adjacent['total_ms']['p50']} ms")
         answers = collect_answers(server, "/predict", images)
         result = {
             "env": env,
@@ -463,6 +477,7 @@ def run_service(
             "decode_threads": described.get("decode_threads"),
             "batching": described.get("batching"),
             "levels": levels,
+            "ceiling_single_image_after_c1": adjacent,
         }
         return result, answers
 
@@ -580,13 +595,20 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, Any]:
 
     single_p50 = ceiling["single_image"]["total_ms"]["p50"]
     p50_gap = {}
+    floor_used = {}
     for name, levels in (("batching_on", on), ("batching_off", off)):
         if 1 in levels and levels[1]["latency_ms"]["p50"] is not None:
-            p50_gap[name] = round(levels[1]["latency_ms"]["p50"] - single_p50, 3)
+            # Against the floor measured right after this c=1 level when there is one (the
+            # machine's speed drifts within a run), else the one from the start of the run.
+            adjacent = service.get(name, {}).get("ceiling_single_image_after_c1")
+            floor = adjacent["total_ms"]["p50"] if adjacent else single_p50
+            floor_used[name] = floor
+            p50_gap[name] = round(levels[1]["latency_ms"]["p50"] - floor, 3)
     return {
         "ceiling_images_per_s": ceiling_value,
         "ceiling_source": source,
         "ceiling_single_image_p50_ms": single_p50,
+        "ceiling_single_image_p50_ms_next_to_c1": floor_used,
         "service_on_vs_ceiling": {c: ratio(v["throughput"], ceiling_value) for c, v in on.items()},
         "service_off_vs_ceiling": {
             c: ratio(v["throughput"], ceiling_value) for c, v in off.items()
