@@ -26,6 +26,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+from app.worker_pool import start_daemon_threads
+
 logger = logging.getLogger("defect.batcher")
 
 In = TypeVar("In")
@@ -114,12 +116,7 @@ class MicroBatcher(Generic[In, Out]):
         self._closed = False
         self._collecting = False  # a worker is forming a batch
         self._condition = threading.Condition(threading.Lock())
-        self._threads = [
-            threading.Thread(target=self._work, name=f"{name}-{index}", daemon=True)
-            for index in range(workers)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._threads = start_daemon_threads(self._work, name, workers)
 
     @property
     def pending(self) -> int:

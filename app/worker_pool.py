@@ -20,6 +20,19 @@ logger = logging.getLogger("defect.workers")
 Job = tuple[Callable[..., None], tuple[Any, ...]]
 
 
+def start_daemon_threads(
+    target: Callable[[], None], name: str, count: int
+) -> list[threading.Thread]:
+    """``count`` started daemon threads named ``name-0``, ``name-1``, ... running ``target``."""
+    threads = [
+        threading.Thread(target=target, name=f"{name}-{index}", daemon=True)
+        for index in range(count)
+    ]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
 class WorkerPool:
     """``threads`` daemon threads running submitted jobs in order of submission."""
 
@@ -28,16 +41,7 @@ class WorkerPool:
             raise ValueError("a worker pool needs at least one thread")
         self._queue: SimpleQueue[Job | None] = SimpleQueue()
         self._closed = False
-        self._threads = [
-            threading.Thread(target=self._work, name=f"{name}-{index}", daemon=True)
-            for index in range(threads)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    @property
-    def size(self) -> int:
-        return len(self._threads)
+        self._threads = start_daemon_threads(self._work, name, threads)
 
     def submit(self, function: Callable[..., None], *args: Any) -> None:
         """Queue ``function(*args)``. It must report its own result and errors; anything it
