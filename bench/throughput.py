@@ -602,8 +602,10 @@ def fastest_baseline(
 def compute_ratios(results: dict[str, Any]) -> dict[str, Any]:
     ceiling = results["ceiling"]
     service = results.get("service", {})
-    measured = [ceiling["best"]["throughput"], ceiling.get("recheck") or 0.0] + [
-        mode.get("ceiling_after_target_level") or 0.0 for mode in service.values()
+    measured = [
+        ceiling["best"]["throughput"],
+        *(mode.get("ceiling_after_target_level") or 0.0 for mode in service.values()),
+        ceiling.get("recheck") or 0.0,
     ]
     ceiling_value = max(measured)
     source = (
