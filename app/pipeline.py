@@ -38,7 +38,7 @@ from app.metrics import ServiceMetrics
 from app.onnx_model import ModelOutput, OnnxModel
 from app.preprocessing import enable_block_cache
 from app.settings import Settings
-from app.worker_pool import WorkerPool
+from app.worker_pool import PoolClosedError, WorkerPool
 
 T = TypeVar("T")
 
@@ -182,13 +182,14 @@ class InferencePipeline:
         """One image's result; raises ``ImageError`` for bad input (its slot is given back)."""
         loop = asyncio.get_running_loop()
         waiter: asyncio.Future[tuple[PreparedImage, Completed[ModelOutput]]] = loop.create_future()
-        self._workers.submit(
-            self._decode_and_submit, data, reservation, options.heatmap, loop, waiter
-        )
         try:
+            self._workers.submit(
+                self._decode_and_submit, data, reservation, options.heatmap, loop, waiter
+            )
             prepared, completed = await waiter
-        except BatcherClosedError as exc:  # shutting down while this image was decoding
-            raise ApiError(503, "not_ready", str(exc)) from exc
+        except (BatcherClosedError, PoolClosedError) as exc:  # shutting down meanwhile
+            reservation.release(1)
+            raise ApiError(503, "not_ready", "the service is shutting down") from exc
         result = self._result(prepared, completed, options.threshold)
         if options.heatmap:
             result["heatmap"] = await self._in_pool(

@@ -20,6 +20,10 @@ logger = logging.getLogger("defect.workers")
 Job = tuple[Callable[..., None], tuple[Any, ...]]
 
 
+class PoolClosedError(RuntimeError):
+    """The pool is shut down (the service is stopping)."""
+
+
 def start_daemon_threads(
     target: Callable[[], None], name: str, count: int
 ) -> list[threading.Thread]:
@@ -47,7 +51,7 @@ class WorkerPool:
         """Queue ``function(*args)``. It must report its own result and errors; anything it
         raises is logged and dropped."""
         if self._closed:
-            raise RuntimeError("the worker pool is shut down")
+            raise PoolClosedError("the worker pool is shut down")
         self._queue.put((function, args))
 
     def shutdown(self, timeout: float = 10.0) -> None:

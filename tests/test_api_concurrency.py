@@ -151,3 +151,17 @@ async def test_closing_the_pipeline_answers_every_accepted_image(
         await asyncio.to_thread(pipeline.close)
         responses = await asyncio.gather(*pending)
     assert [response.status_code for response in responses] == [200] * 4
+
+
+async def test_a_request_admitted_as_the_pipeline_closes_is_503(
+    app_client: AppClientFactory, images: list[FixtureImage]
+) -> None:
+    async with app_client(raise_app_exceptions=False) as client:
+        pipeline = client.app.state.service.pipeline
+        pipeline._workers.shutdown()  # the first step of closing; the batcher still admits
+        response = await client.post(
+            "/predict", files={"file": ("x.jpg", images[0].data, "image/jpeg")}
+        )
+        assert pipeline.executor.pending == 0  # its slot was given back
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "not_ready"

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from app.worker_pool import WorkerPool
+from app.worker_pool import PoolClosedError, WorkerPool
 
 
 def test_jobs_run_on_pool_threads_and_shutdown_finishes_the_queue() -> None:
@@ -48,7 +48,7 @@ def test_submit_after_shutdown_is_refused() -> None:
     pool = WorkerPool(1, name="test-pool")
     pool.shutdown()
     pool.shutdown()  # idempotent
-    with pytest.raises(RuntimeError, match="shut down"):
+    with pytest.raises(PoolClosedError, match="shut down"):
         pool.submit(print)
 
 
