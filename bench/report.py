@@ -40,23 +40,31 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return lines
 
 
+def _load_cells(level: dict[str, Any]) -> list[Any]:
+    """The columns every load table shares: concurrency, requests, images/s, p50/p95/p99,
+    errors."""
+    latency = level["latency_ms"]
+    return [
+        level["concurrency"],
+        level["completed"],
+        _fmt(level["throughput"]),
+        _fmt(latency["p50"]),
+        _fmt(latency["p95"]),
+        _fmt(latency["p99"]),
+        level["errors"],
+    ]
+
+
 def service_rows(results: dict[str, Any]) -> list[list[str]]:
     ceiling = results["ratios"]["ceiling_images_per_s"]
     rows = []
     for key, title in MODES:
         for level in results.get("service", {}).get(key, {}).get("levels", []):
-            latency = level["latency_ms"]
             health = level.get("health")
             rows.append(
                 [
                     title,
-                    level["concurrency"],
-                    level["completed"],
-                    _fmt(level["throughput"]),
-                    _fmt(latency["p50"]),
-                    _fmt(latency["p95"]),
-                    _fmt(latency["p99"]),
-                    level["errors"],
+                    *_load_cells(level),
                     _fmt(level.get("mean_batch_size"), 2),
                     _fmt(level.get("server_cpu_cores"), 2),
                     _fmt(level.get("server_cpu_ms_per_image"), 2),
@@ -104,18 +112,11 @@ def baseline_rows(results: dict[str, Any]) -> list[list[str]]:
     }
     for call, data in results.get("baseline", {}).get("calls", {}).items():
         for level in data["levels"]:
-            latency = level["latency_ms"]
             on = service.get(level["concurrency"])
             rows.append(
                 [
                     f"Keras `{call}`",
-                    level["concurrency"],
-                    level["completed"],
-                    _fmt(level["throughput"]),
-                    _fmt(latency["p50"]),
-                    _fmt(latency["p95"]),
-                    _fmt(latency["p99"]),
-                    level["errors"],
+                    *_load_cells(level),
                     _fmt(level.get("server_cpu_cores"), 2),
                     _fmt(level.get("server_cpu_ms_per_image"), 2),
                     _fmt(level.get("other_cpu_cores"), 2),
